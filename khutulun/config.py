@@ -102,13 +102,19 @@ class Config:
             raise InvalidInputError(f"cannot read the token file {str(self.token_file)!r}: {e.strerror}") from e
 
 
-def _default_paths(env: Mapping[str, str]) -> tuple[Path, Path]:
+def _default_data_dir(env: Mapping[str, str]) -> Path:
     home = Path(env.get("HOME") or Path.home())
     data_home = Path(env["XDG_DATA_HOME"]) if env.get("XDG_DATA_HOME") else home / ".local" / "share"
-    data_dir = data_home / "khutulun"
+    return data_home / "khutulun"
+
+
+def _default_socket(env: Mapping[str, str], data_dir: Path, default_data_dir: Path) -> Path:
+    """In the user's runtime directory when there is one, unless the data directory was moved: then beside
+    it, so that two agents with two data directories never share a socket."""
     runtime = env.get("XDG_RUNTIME_DIR")
-    sock = Path(runtime) / "khutulun" / "agent.sock" if runtime else data_dir / "agent.sock"
-    return data_dir, sock
+    if runtime and data_dir == default_data_dir:
+        return Path(runtime) / "khutulun" / "agent.sock"
+    return data_dir / "agent.sock"
 
 
 def _config_file(env: Mapping[str, str]) -> Path | None:
@@ -149,8 +155,8 @@ def _convert(key: str, value: Any, where: str) -> Any:
 def load_config(env: Mapping[str, str] | None = None, **overrides: Any) -> Config:
     """Read the settings for this process. ``overrides`` (from command-line options) win over everything."""
     env = os.environ if env is None else env
-    data_dir, sock = _default_paths(env)
-    values: dict[str, Any] = {"data_dir": data_dir, "socket": sock, "host_name": socket.gethostname()}
+    default_data_dir = _default_data_dir(env)
+    values: dict[str, Any] = {"data_dir": default_data_dir, "host_name": socket.gethostname()}
     timeouts: dict[str, float] = {}
     known = {f.name for f in dataclasses.fields(Config)} - {"timeouts", "source"}
     known_timeouts = {f.name for f in dataclasses.fields(Timeouts)}
@@ -190,4 +196,5 @@ def load_config(env: Mapping[str, str] | None = None, **overrides: Any) -> Confi
         if value is not None:
             values[key] = _convert(key, value, "command line") if key != "timeouts" else value
     values.setdefault("state_dir", Path(values["data_dir"]) / "state")
+    values.setdefault("socket", _default_socket(env, Path(values["data_dir"]), default_data_dir))
     return Config(**values, timeouts=Timeouts(**timeouts), source=path)

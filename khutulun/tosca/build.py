@@ -8,7 +8,7 @@ from typing import Any
 
 from khutulun import model
 from khutulun.errors import Problem
-from khutulun.model import EXPR_TYPES, PROFILE_TYPES, NodeKind
+from khutulun.model import EXPR_TYPES, PROFILE_TYPES, AttributeRef, Concat, NodeKind, Token
 from khutulun.tosca.functions import INVALID, Evaluator
 from khutulun.tosca.source import Document, FieldPath
 from khutulun.tosca.types import TypeIndex
@@ -114,6 +114,19 @@ def _contains(value: Any, test: Callable[[Any], bool]) -> bool:
     return False
 
 
+def _text_where_declared(value: Any, type_name: str, entry_schema: Any) -> Any:
+    """An attribute (a port, a pid) where a string is declared becomes a one-part concat, so that it
+    resolves to text at run time, as a literal number there would have been turned into text now."""
+    entry = entry_schema.get("type") if isinstance(entry_schema, dict) else entry_schema
+    if type_name == "string" and isinstance(value, (AttributeRef, Token)):
+        return Concat((value,))
+    if type_name == "list" and entry == "string" and isinstance(value, list):
+        return [_text_where_declared(v, "string", None) for v in value]
+    if type_name == "map" and entry == "string" and isinstance(value, dict):
+        return {k: _text_where_declared(v, "string", None) for k, v in value.items()}
+    return value
+
+
 def _kind(chain: tuple[str, ...]) -> NodeKind:
     for type_name in chain:
         if type_name in PROFILE_TYPES:
@@ -146,7 +159,7 @@ class _Builder:
             if _contains(evaluated, lambda v: v is INVALID):
                 return INVALID  # the function's own problem is reported
             if _contains(evaluated, lambda v: isinstance(v, EXPR_TYPES)):
-                return evaluated
+                return _text_where_declared(evaluated, type_name, schema)
             why = check_value(evaluated, type_name, schema)
             if why:
                 self.problems.append(self.doc.problem(path, f"{what}: {why}"))

@@ -9,12 +9,12 @@ agent to resolve once the nodes run.
 
 from __future__ import annotations
 
-import json
 import re
 from collections import defaultdict
 from typing import Any
 
 from khutulun.errors import Problem
+from khutulun.expressions import text_of
 from khutulun.model import EXPR_TYPES, AttributeRef, Concat, Join, Token
 from khutulun.tosca.source import Document, FieldPath, child
 from khutulun.tosca.types import TypeIndex
@@ -33,19 +33,6 @@ class _Invalid:
 
 INVALID: Any = _Invalid()
 """The value of a function that could not be evaluated (its problem is reported)."""
-
-
-def text_of(value: Any) -> str:
-    """A value as ``concat`` and ``join`` put it in a string (booleans as YAML writes them)."""
-    if isinstance(value, str):
-        return value
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if value is None:
-        return ""
-    if isinstance(value, (int, float)):
-        return str(value)
-    return json.dumps(value, separators=(",", ":"))
 
 
 class _Context:

@@ -1,0 +1,282 @@
+"""Converging one service on this host: desired, prior and live state into a plan, and the plan into steps.
+
+Both a deploy and the reconcile loop come here, so a deploy interrupted by a crash is finished by the same
+code that repairs drift. One convergence of a service runs at a time per host: an asyncio lock inside the
+agent, and a lease in the shared state against a second agent claiming the same host name.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from khutulun.agent.context import AgentContext
+from khutulun.agent.runner import Outcome, StepResult, run_steps
+from khutulun.errors import BusyError, DelegateError
+from khutulun.expressions import Unknown, resolve
+from khutulun.instances import Attributes, DesiredResource, desired_resources
+from khutulun.plan import Action, Plan, Step, make_plan
+from khutulun.resources import Live, LiveState, Resource, ResourceId, spec_hash
+from khutulun.state import Event, ResourceRecord, ServiceRecord, ServiceStatus
+
+__all__ = ["Convergence", "Converger", "Listener", "Situation"]
+
+log = logging.getLogger(__name__)
+
+Listener = Callable[[dict[str, Any]], None]
+"""Receives progress events (plan, step started, step result) as JSON-able dicts."""
+
+
+@dataclass
+class Situation:
+    """Everything a plan for one service on this host is made from."""
+
+    namespace: str
+    service: str
+    record: ServiceRecord | None
+    desired: dict[ResourceId, DesiredResource]
+    prior: dict[ResourceId, ResourceRecord]
+    live: dict[ResourceId, Live | None]
+    orphans: list[tuple[ResourceId, Live]]
+    known: dict[ResourceId, dict[str, Any]] = field(default_factory=dict)
+    """Attributes by resource: placement's, then what delegates reported. Grows as steps finish."""
+
+    @property
+    def revision(self) -> int:
+        return self.record.revision if self.record else 0
+
+    def attributes(self) -> Attributes | None:
+        if self.record is None:
+            return None
+        return Attributes(self.namespace, self.service, self.record.topology, self.known)
+
+    def resolve(self, desired: DesiredResource) -> tuple[dict[str, Any] | None, str | None]:
+        attributes = self.attributes()
+        if attributes is None:
+            return None, None
+        try:
+            spec = resolve(dict(desired.spec), attributes.lookup_for(desired.id.index))
+        except Unknown:
+            return None, None
+        return spec, spec_hash(spec)
+
+
+@dataclass
+class Convergence:
+    plan: Plan
+    results: list[StepResult]
+
+    @property
+    def failed(self) -> list[StepResult]:
+        return [r for r in self.results if r.outcome is not Outcome.DONE]
+
+
+def step_event(kind: str, step: Step, **extra: Any) -> dict[str, Any]:
+    return {"event": kind, "key": step.key, "resource": str(step.id), "instance": step.id.instance,
+            "host": step.host, "delegate": step.delegate, "action": step.action.value, "reason": step.reason,
+            **extra}
+
+
+class Converger:
+    def __init__(self, ctx: AgentContext) -> None:
+        self.ctx = ctx
+        self._locks: dict[tuple[str, str], asyncio.Lock] = {}
+
+    def lock(self, namespace: str, service: str) -> asyncio.Lock:
+        return self._locks.setdefault((namespace, service), asyncio.Lock())
+
+    def busy(self, namespace: str, service: str) -> bool:
+        return self.lock(namespace, service).locked()
+
+    @contextlib.asynccontextmanager
+    async def exclusive(self, namespace: str, service: str, *, wait: bool = True) -> AsyncIterator[None]:
+        """Hold this host's right to change the service: the in-process lock, then the shared lease."""
+        lock = self.lock(namespace, service)
+        if not wait and lock.locked():
+            raise BusyError(f"service {namespace}/{service} is being changed on this host")
+        async with lock:
+            lease = self.ctx.store.converge_lease(namespace, service, self.ctx.host)
+            deadline = time.monotonic() + (self.ctx.config.timeouts.lock if wait else 0)
+            while True:
+                held = await self.ctx.io(lease.__enter__)
+                if held:
+                    break
+                await self.ctx.io(lease.__exit__, None, None, None)
+                if time.monotonic() >= deadline:
+                    raise BusyError(f"another agent for host {self.ctx.host!r} is changing service "
+                                    f"{namespace}/{service}")
+                lease = self.ctx.store.converge_lease(namespace, service, self.ctx.host)
+                await asyncio.sleep(0.2)
+            try:
+                yield
+            finally:
+                await self.ctx.io(lease.__exit__, None, None, None)
+
+    # -- seeing the situation -------------------------------------------------------------------------
+
+    async def situation(self, namespace: str, service: str, record: ServiceRecord | None,
+                        prior: Mapping[ResourceId, ResourceRecord]) -> Situation:
+        """What is desired (by ``record``), applied and running for the service on this host."""
+        host = self.ctx.host
+        wanted: list[DesiredResource] = []
+        if record is not None and record.status is not ServiceStatus.DESTROYING:
+            wanted = desired_resources(namespace, service, record.topology, record.placement)
+        known: dict[ResourceId, dict[str, Any]] = {}
+        for d in wanted:
+            known[d.id] = dict(d.attributes)
+        for rid, r in prior.items():
+            known[rid] = {**known.get(rid, {}), **r.attributes}
+        desired = {d.id: d for d in wanted if d.host == host}
+        mine = {rid: r for rid, r in prior.items() if r.host == host}
+        situation = Situation(namespace, service, record, desired, mine, {}, [], known)
+        for rid in set(desired) | set(mine):
+            situation.live[rid] = await self._inspect(situation, rid)
+        situation.orphans = await self._orphans(namespace, service, set(desired) | set(mine))
+        return situation
+
+    def _resource(self, situation: Situation, rid: ResourceId) -> Resource:
+        """The resource as its delegate knows it: the desired spec when it resolves, else the one applied."""
+        prior = situation.prior.get(rid)
+        handle = prior.handle if prior else {}
+        wanted = situation.desired.get(rid)
+        if wanted is not None:
+            spec, digest = situation.resolve(wanted)
+            if spec is not None and digest is not None:
+                return Resource(rid, wanted.delegate, self.ctx.host, spec, digest, handle)
+        if prior is not None:
+            return Resource(rid, prior.delegate, self.ctx.host, prior.spec, prior.spec_hash, handle)
+        assert wanted is not None
+        return Resource(rid, wanted.delegate, self.ctx.host, dict(wanted.spec), "", handle)
+
+    async def _inspect(self, situation: Situation, rid: ResourceId) -> Live | None:
+        resource = self._resource(situation, rid)
+        try:
+            return await self.ctx.delegate(resource.delegate).inspect(resource)
+        except DelegateError as e:
+            return Live(LiveState.FAILED, None, message=e.message)
+
+    async def _orphans(self, namespace: str, service: str, accounted: set[ResourceId]) -> list[tuple[ResourceId,
+                                                                                                      Live]]:
+        """Resources of this service found running here with no record: started just before a crash."""
+        found: list[tuple[ResourceId, Live]] = []
+        for delegate in self.ctx.delegates.values():
+            if not delegate.capabilities.list:
+                continue
+            for rid, live in await delegate.list():
+                if rid.namespace == namespace and rid.service == service and rid not in accounted:
+                    found.append((rid, replace(live, handle={**live.handle, "delegate": delegate.name})))
+        return found
+
+    def plan(self, situation: Situation) -> Plan:
+        orphans = [(rid, self.ctx.host, str(live.handle.get("delegate", ""))) for rid, live in situation.orphans]
+        return make_plan(situation.namespace, situation.service, situation.revision,
+                         list(situation.desired.values()), situation.prior, situation.live, situation.resolve,
+                         also_delete=orphans, destroying=situation.record is not None
+                         and situation.record.status is ServiceStatus.DESTROYING)
+
+    # -- changing things ------------------------------------------------------------------------------
+
+    async def _locked(self, situation: Situation, fn: Callable[..., Any], *args: Any) -> None:
+        """A write to the service's records, under its (short) exclusive lock, off the event loop."""
+        def call() -> None:
+            with self.ctx.store.service_lock(situation.namespace, situation.service):
+                fn(*args)
+
+        await self.ctx.io(call)
+
+    async def run(self, situation: Situation, plan: Plan, *, purge: bool = False,
+                  listener: Listener | None = None) -> Convergence:
+        def started(step: Step) -> None:
+            if listener:
+                listener(step_event("step-started", step))
+
+        def finished(result: StepResult) -> None:
+            if listener:
+                listener(step_event("step-" + result.outcome.value, result.step, message=result.message))
+
+        async def execute(step: Step) -> str:
+            if step.action is Action.DELETE:
+                return await self._delete(situation, step, purge=purge)
+            return await self._apply(situation, step)
+
+        results = await run_steps(plan.steps, execute, concurrency=self.ctx.config.step_concurrency,
+                                  on_start=started, on_result=finished)
+        return Convergence(plan, results)
+
+    async def _apply(self, situation: Situation, step: Step) -> str:
+        wanted = situation.desired[step.id]
+        prior = situation.prior.get(step.id)
+        spec, digest = situation.resolve(wanted)
+        if spec is None or digest is None:
+            raise DelegateError(f"{step.id.instance}: a value it needs is not known; the resources it "
+                                "depends on did not report it")
+        delegate = self.ctx.delegate(wanted.delegate)
+        resource = Resource(step.id, wanted.delegate, self.ctx.host, spec, digest, prior.handle if prior else {})
+        restart = prior is not None and prior.spec_hash == digest
+        try:
+            live = await delegate.inspect(resource)
+            live = await delegate.apply(resource, live)
+        except DelegateError as e:
+            await self._record(situation, wanted, spec, digest, Live(LiveState.FAILED, None, message=e.message),
+                               prior)
+            await self._event(situation, "fail", f"{step.action.value} failed: {e.message}", step)
+            raise
+        record = await self._record(situation, wanted, spec, digest, live, prior, restarted=restart)
+        situation.known[step.id] = dict(record.attributes)
+        kind = "restart" if restart else step.action.value
+        await self._event(situation, kind, f"{kind}: {step.reason}", step)
+        return "restarted" if restart else f"{step.action.value}d"
+
+    async def _record(self, situation: Situation, wanted: DesiredResource, spec: dict[str, Any], digest: str,
+                      live: Live, prior: ResourceRecord | None, *, restarted: bool = False) -> ResourceRecord:
+        restarts = (prior.restarts if prior else 0) + (1 if restarted else 0)
+        record = ResourceRecord(
+            id=wanted.id, delegate=wanted.delegate, host=self.ctx.host, revision=situation.revision, spec=spec,
+            spec_hash=digest if live.healthy else (prior.spec_hash if prior else ""), state=live.state,
+            depends_on=wanted.depends_on, handle=dict(live.handle) or (dict(prior.handle) if prior else {}),
+            attributes={**wanted.attributes, **live.attributes}, message=live.message, restarts=restarts,
+            started_at=live.started_at if live.healthy else (prior.started_at if prior else None),
+            updated_at=time.time())
+        await self._locked(situation, self.ctx.store.write_resource, record)
+        situation.prior[wanted.id] = record
+        return record
+
+    async def _delete(self, situation: Situation, step: Step, *, purge: bool) -> str:
+        prior = situation.prior.get(step.id)
+        orphan = next((live for rid, live in situation.orphans if rid == step.id), None)
+        if prior is not None:
+            resource = Resource(step.id, prior.delegate, self.ctx.host, prior.spec, prior.spec_hash, prior.handle)
+        elif orphan is not None:
+            resource = Resource(step.id, step.delegate, self.ctx.host, {}, orphan.spec_hash or "", orphan.handle)
+        else:
+            return "already gone"
+        delegate = self.ctx.delegate(resource.delegate)
+        try:
+            live = await delegate.inspect(resource)
+            await delegate.delete(resource, live, purge=purge)
+        except DelegateError as e:
+            if prior is not None:
+                await self._locked(situation, self.ctx.store.write_resource,
+                                   replace(prior, message=f"delete failed: {e.message}", updated_at=time.time()))
+            await self._event(situation, "fail", f"delete failed: {e.message}", step)
+            raise
+        await self._locked(situation, self.ctx.store.remove_resource, step.id)
+        await self.ctx.io(self.ctx.store.release_ports, self.ctx.host, [str(step.id)])
+        situation.prior.pop(step.id, None)
+        situation.known.pop(step.id, None)
+        await self._event(situation, "delete", f"deleted: {step.reason}", step)
+        return "deleted"
+
+    async def _event(self, situation: Situation, kind: str, message: str, step: Step) -> None:
+        event = Event(time=time.time(), kind=kind, message=message, resource=str(step.id), host=self.ctx.host,
+                      revision=situation.revision)
+        try:
+            await self._locked(situation, self.ctx.store.append_event, situation.namespace, situation.service,
+                               event)
+        except Exception:  # the history is for people; a full disk must not fail the step that happened
+            log.exception("cannot record an event for %s/%s", situation.namespace, situation.service)
