@@ -60,6 +60,8 @@ class AttributeRef:
     attribute: str
     capability: str | None = None
     path: tuple[str | int, ...] = ()
+    index: int | None = None
+    """Which instance of the node; None for the one matching the referring instance (see instances.py)."""
 
     def __str__(self) -> str:
         parts = [self.node, *([self.capability] if self.capability else []), self.attribute, *map(str, self.path)]

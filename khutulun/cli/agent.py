@@ -37,8 +37,7 @@ def start(state: CliState, foreground: bool) -> None:
     if foreground:
         from khutulun.agent.main import main as agent_main
 
-        agent_main.main(args=[], standalone_mode=True)
-        return
+        agent_main.main(args=[], standalone_mode=True)  # exits when the agent stops
     started = run(ensure_local_agent(state.config))
     pid = state.config.pid_file.read_text().strip() if state.config.pid_file.exists() else "?"
     emit(state, {"started": started, "pid": pid, "socket": str(state.config.socket)}, lambda: state.out.print(
