@@ -44,10 +44,13 @@ class ResourceId:
 
     @classmethod
     def parse(cls, text: str) -> ResourceId:
-        parts = text.split("/")
-        if len(parts) != 4 or not parts[3].isdigit():
+        # A node name is any YAML key and may hold a "/"; namespaces and services cannot, and the index is last.
+        namespace, _, rest = text.partition("/")
+        service, _, rest = rest.partition("/")
+        node, _, index = rest.rpartition("/")
+        if not (namespace and service and node and index.isdigit()):
             raise InvalidInputError(f"{text!r} is not a resource id (namespace/service/node/index)")
-        return cls(parts[0], parts[1], parts[2], int(parts[3]))
+        return cls(namespace, service, node, int(index))
 
     @property
     def instance(self) -> str:
