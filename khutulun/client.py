@@ -85,7 +85,7 @@ class Client:
             async with self.session.request(method, path, json=body, params=query) as response:
                 await self._raise_for(response)
                 return await response.json()
-        except (aiohttp.ClientConnectionError, FileNotFoundError, ConnectionRefusedError) as e:
+        except (aiohttp.ClientError, OSError) as e:
             raise self._unavailable(e) from e
         except TimeoutError as e:
             raise AgentUnavailableError(f"the agent at {self.url} did not answer in time") from e
@@ -102,9 +102,9 @@ class Client:
                 async for line in response.content:
                     if line.strip():
                         yield json.loads(line)
-        except (aiohttp.ClientConnectionError, FileNotFoundError, ConnectionRefusedError) as e:
-            raise AgentUnavailableError(f"lost the agent at {self.url} ({e}); what it was doing goes on, and "
-                                        "'khutulun status' shows where it is") from e
+        except (aiohttp.ClientError, OSError) as e:
+            raise AgentUnavailableError(f"lost the agent at {self.url} ({type(e).__name__}); what it was doing goes "
+                                        "on when it is back, and 'khutulun status' shows where it is") from e
 
     async def raw(self, path: str, **params: Any) -> AsyncIterator[bytes]:
         query = {k: str(v) for k, v in params.items() if v is not None}
@@ -113,7 +113,7 @@ class Client:
                 await self._raise_for(response)
                 async for chunk in response.content.iter_any():
                     yield chunk
-        except (aiohttp.ClientConnectionError, FileNotFoundError, ConnectionRefusedError) as e:
+        except (aiohttp.ClientError, OSError) as e:
             raise self._unavailable(e) from e
 
     async def websocket(self, path: str) -> aiohttp.ClientWebSocketResponse:
@@ -121,7 +121,7 @@ class Client:
             return await self.session.ws_connect(path)
         except aiohttp.WSServerHandshakeError as e:
             raise KhutulunError(f"the agent refused the session: {e.message}") from e
-        except (aiohttp.ClientConnectionError, FileNotFoundError, ConnectionRefusedError) as e:
+        except (aiohttp.ClientError, OSError) as e:
             raise self._unavailable(e) from e
 
 

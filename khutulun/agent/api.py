@@ -277,12 +277,7 @@ async def exec_(request: web.Request) -> web.StreamResponse:
         await ws.close()
         return ws
 
-    async def pump_output() -> None:
-        async for stream, data in session.output():
-            await ws.send_json({"stream": stream, "data": base64.b64encode(data).decode()})
-
-    output = asyncio.create_task(pump_output(), name="exec output")
-    try:
+    async def forward_input() -> None:
         async for message in ws:
             if message.type is WSMsgType.BINARY:
                 await session.write(message.data)
@@ -292,19 +287,23 @@ async def exec_(request: web.Request) -> web.StreamResponse:
                     await session.close_stdin()
                 if isinstance(control.get("resize"), list):
                     await session.resize(*control["resize"])
-            if output.done():
+            else:
                 break
-            if message.type in (WSMsgType.CLOSE, WSMsgType.ERROR):
-                break
-        await output
+
+    # Input is forwarded on the side; the command's output, until it ends, decides when the session is over.
+    forwarder = asyncio.create_task(forward_input(), name="exec input")
+    try:
+        async for stream, data in session.output():
+            await ws.send_json({"stream": stream, "data": base64.b64encode(data).decode()})
         code = await session.wait()
         await ws.send_json({"exit": code})
+    except BaseException:
+        await session.kill()
+        raise
     finally:
-        if not output.done():
-            output.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await output
-            await session.kill()
+        forwarder.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await forwarder
         await ws.close()
     return ws
 

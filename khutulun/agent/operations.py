@@ -257,9 +257,12 @@ class Operations:
             live = situation.live.get(rid) if placed.host == self.ctx.host else None
             state = (live.state.value if live is not None else
                      "missing" if placed.host == self.ctx.host else applied.state.value if applied else "pending")
+            delegate = delegate_for(record.topology.nodes[placed.node])
+            found = self.ctx.delegates.get(delegate)
             instances.append({
                 "instance": rid.instance, "node": placed.node, "index": placed.index, "host": placed.host,
-                "delegate": delegate_for(record.topology.nodes[placed.node]), "state": state,
+                "delegate": delegate, "state": state,
+                "logs": bool(found and found.capabilities.logs), "exec": bool(found and found.capabilities.exec),
                 "pid": (live.attributes.get("pid") if live else None) or (applied.attributes.get("pid")
                                                                            if applied else None),
                 "ports": dict(placed.ports), "restarts": applied.restarts if applied else 0,

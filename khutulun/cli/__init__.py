@@ -7,6 +7,8 @@ placed; 8 busy (another deploy of the service runs); 70 a bug in Khutulun.
 
 from __future__ import annotations
 
+import os
+import traceback
 from typing import Any
 
 import click
@@ -19,7 +21,7 @@ from khutulun.cli.render import show_error
 from khutulun.cli.service import COMMANDS
 from khutulun.cli.template import template
 from khutulun.config import load_config
-from khutulun.errors import KhutulunError
+from khutulun.errors import InternalError, KhutulunError
 from khutulun.resources import check_name
 
 __all__ = ["cli", "main"]
@@ -41,6 +43,14 @@ class KhutulunGroup(click.Group):
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             ctx.exit(130)
+        except (click.exceptions.Exit, click.ClickException, SystemExit):
+            raise
+        except Exception as e:  # a bug: one line for the user, the traceback only when asked for
+            if os.environ.get("KHUTULUN_DEBUG"):
+                traceback.print_exc()
+            click.echo(f"error: internal error in khutulun ({type(e).__name__}: {e}); please report it, with "
+                       "the output of the same command run with KHUTULUN_DEBUG=1", err=True)
+            ctx.exit(InternalError.exit_code)
 
 
 @click.group(cls=KhutulunGroup, context_settings={"help_option_names": ["-h", "--help"]})

@@ -291,10 +291,15 @@ def outputs(state: CliState, service: str) -> None:
     emit(state, data["outputs"], people)
 
 
-async def _instances(client: Client, namespace: str, service: str, selector: str | None) -> list[tuple[str, int]]:
+async def _instances(client: Client, namespace: str, service: str, selector: str | None,
+                     capability: str) -> list[tuple[str, int]]:
+    """The instances a selector names (all, a node's, one); without a selector, only those whose delegate
+    offers ``capability`` (a directory has no logs)."""
     data = await client.get(f"/v1/namespaces/{namespace}/services/{service}")
     chosen = []
     for instance in data["instances"]:
+        if selector is None and not instance.get(capability):
+            continue
         if selector is None or selector in (instance["node"], instance["instance"]):
             chosen.append((instance["node"], int(instance["index"])))
     if not chosen:
@@ -328,7 +333,7 @@ def logs(state: CliState, service: str, instance: str | None, follow: bool, tail
             sys.stdout.buffer.write(prefix.encode() + pending + b"\n")
 
     async def work(client: Client) -> None:
-        chosen = await _instances(client, state.namespace, service, instance)
+        chosen = await _instances(client, state.namespace, service, instance, "logs")
         width = max(len(f"{n}/{i}") for n, i in chosen)
         prefixed = len(chosen) > 1
         if follow:
@@ -354,8 +359,13 @@ def exec_(state: CliState, interactive: bool, tty: bool, service: str, instance:
     """Run a command next to an instance (INSTANCE: node or node/index), like docker exec."""
     from khutulun.cli.terminal import run_session
 
+    if command and command[0] == "--":  # "exec SERVICE INSTANCE -- CMD ...", as with kubectl
+        command = command[1:]
+    if not command:
+        raise InvalidInputError("exec needs a command to run")
+
     async def work(client: Client) -> int:
-        node, index = (await _instances(client, state.namespace, service, instance))[0]
+        node, index = (await _instances(client, state.namespace, service, instance, "exec"))[0]
         ws = await client.websocket(f"/v1/namespaces/{state.namespace}/services/{service}/instances/{node}/{index}"
                                     "/exec")
         async with ws:

@@ -8,8 +8,12 @@ types, constraints, occurrences, policies and groups. Its defects are worked aro
   so nothing is read twice and nothing is fetched.
 - Its exception collector is global and left "collecting" after a crash (P13). The loader runs every parse
   in a fresh worker process (``khutulun.tosca.worker``), and the collector is reset here anyway.
-- It crashes on a custom requirement definition without ``node`` (P7): the copies it is given get
-  ``node: tosca.nodes.Root`` there, which is what the missing key means.
+- It crashes on a custom requirement definition without ``node`` (P7): it is given ``node:
+  tosca.nodes.Root`` there, which is what the missing key means. It also crashes on the short notations of a
+  capability definition (``host: tosca.capabilities.Container``) and of a requirement definition: it is
+  given the long ones.
+- It has no ``join`` (P9), so it checks a ``join`` call as if it were a plain value ("is not a string"):
+  it is given a ``concat`` call in its place, a function it knows and leaves alone. Khutulun evaluates both.
 - It crashes on an output that refers to a missing node (P11), and it does not evaluate nested functions in
   outputs (P9): outputs are checked and evaluated by Khutulun, and not given to it.
 - It builds a graph of the node templates twice, in time quadratic in their number (``ToscaGraph``, most of
@@ -40,19 +44,38 @@ class ParserReport:
         """What tosca-parser raised when it failed on its own, if it did."""
 
 
-def _patch_requirement_definitions(data: dict[str, Any]) -> None:
+def _patch_node_types(data: dict[str, Any]) -> None:
     types = data.get("node_types")
     if not isinstance(types, dict):
         return
     for definition in types.values():
-        requirements = definition.get("requirements") if isinstance(definition, dict) else None
+        if not isinstance(definition, dict):
+            continue
+        capabilities = definition.get("capabilities")
+        if isinstance(capabilities, dict):
+            for name, capability in capabilities.items():
+                if isinstance(capability, str):
+                    capabilities[name] = {"type": capability}
+        requirements = definition.get("requirements")
         if not isinstance(requirements, list):
             continue
         for entry in requirements:
             if isinstance(entry, dict) and len(entry) == 1:
-                (_, req), = entry.items()
+                (name, req), = entry.items()
+                if isinstance(req, str):
+                    entry[name] = req = {"capability": req}
                 if isinstance(req, dict) and "node" not in req:
                     req["node"] = "tosca.nodes.Root"
+
+
+def _without_join(value: Any) -> Any:
+    if isinstance(value, dict):
+        if len(value) == 1 and "join" in value:
+            return {"concat": [""]}
+        return {k: _without_join(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_without_join(v) for v in value]
+    return value
 
 
 class _NoGraph:
@@ -72,8 +95,10 @@ def for_parser(data: dict[str, Any], imports: list[Any] | None, *, main: bool) -
         out["imports"] = imports
     else:
         out.pop("imports", None)
-    _patch_requirement_definitions(out)
+    _patch_node_types(out)
     topology = out.get("topology_template")
+    if isinstance(topology, dict) and isinstance(topology.get("node_templates"), dict):
+        topology["node_templates"] = _without_join(topology["node_templates"])
     if main and isinstance(topology, dict):
         topology.pop("outputs", None)
         topology.pop("workflows", None)  # valid TOSCA 1.3 that tosca-parser rejects (P1); Khutulun ignores it

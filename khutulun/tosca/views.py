@@ -174,8 +174,22 @@ class _Reader:
                               f"type {found.name}")
             properties.update(assigned)
         capabilities = _capabilities(self.doc, self.index, path, raw, found.name, self.problems)
+        self._check_interfaces(path, raw, found.name)
         return NodeView(name, found.name, self.index.chain(found.name), path, raw, properties, property_defs,
                         capabilities)
+
+    def _check_interfaces(self, path: FieldPath, raw: dict[str, Any], type_name: str) -> None:
+        """Interfaces a template assigns must be declared by its type (tosca-parser crashes on one that is
+        not, TOSCA-PARSER-NOTES P11). Khutulun runs no operations; they are only checked."""
+        assigned = raw.get("interfaces")
+        if not isinstance(assigned, dict):
+            return
+        declared = self.index.merged(type_name, "interfaces")
+        for name in assigned:
+            if name not in declared:
+                hint = did_you_mean(str(name), map(str, declared))
+                self.problem((*path, "interfaces", name), f"type {type_name} declares no interface {name!r}{hint}",
+                             key=True)
 
     def requirements(self, view: NodeView, nodes: dict[str, NodeView]) -> None:
         raw = view.raw.get("requirements")

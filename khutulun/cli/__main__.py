@@ -1,0 +1,5 @@
+"""``python -m khutulun.cli``: the same as the ``khutulun`` command."""
+
+from khutulun.cli import main
+
+main()

@@ -1,0 +1,71 @@
+"""Crashes and bad input: a deploy cut short by kill -9 resumes without duplicates, and a broken template
+changes nothing that runs."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.cases import broken_cases
+from tests.e2e.harness import ROOT, Agent
+
+pytestmark = pytest.mark.e2e
+
+
+def chain(count: int) -> str:
+    """``count`` processes, each depending on the one before: a deploy that starts them one by one."""
+    lines = ["tosca_definitions_version: tosca_simple_yaml_1_3", "imports: [khutulun/profile.yaml]",
+             "topology_template:", "  node_templates:"]
+    for i in range(count):
+        lines += [f"    p{i:02d}:", "      type: khutulun.nodes.Process",
+                  "      properties: {command: [sleep, '3600']}"]
+        if i:
+            lines.append(f"      requirements: [{{dependency: p{i - 1:02d}}}]")
+    return "\n".join(lines) + "\n"
+
+
+def test_kill_9_of_the_agent_mid_deploy_then_deploy_again_gives_exactly_twenty(agent: Agent, tmp_path: Path) -> None:
+    template = tmp_path / "twenty.yaml"
+    template.write_text(chain(20))
+    deploying = subprocess.Popen([sys.executable, "-m", "khutulun.cli", "deploy", str(template)], env=agent.env,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    deadline = time.monotonic() + 60
+    while len(agent.workloads("twenty")) < 5:
+        assert time.monotonic() < deadline, "the deploy did not start processes"
+        time.sleep(0.005)
+    agent.kill()
+    at_kill = len(agent.workloads("twenty"))
+    _, err = deploying.communicate(timeout=30)
+    assert deploying.returncode == 6 and "lost the agent" in err, err
+    assert 5 <= at_kill < 20, f"the kill did not land mid-deploy ({at_kill} running)"
+
+    agent.start()
+    agent.cli("deploy", str(template))
+    running = agent.workloads()
+    assert len(running) == 20
+    assert sorted(w.resource for w in running) == [f"default/twenty/p{i:02d}/0" for i in range(20)]
+    status = agent.json("status", "twenty")
+    assert status["status"] == "deployed"
+    assert {f"default/twenty/{i['instance']}": i["pid"] for i in status["instances"]} == {
+        w.resource: w.pid for w in running}
+    time.sleep(1.5)  # reconcile passes change nothing
+    assert agent.workloads() == running
+
+
+def test_broken_templates_fail_clearly_and_leave_the_running_service_as_it_was(agent: Agent) -> None:
+    example = str(ROOT / "examples" / "hello-world.yaml")
+    agent.cli("deploy", example)
+    before = agent.workloads()
+    revision = agent.json("status", "hello-world")["revision"]
+    for case in broken_cases():
+        for command in (["validate", str(case.path)], ["deploy", str(case.path), "--service", "hello-world"]):
+            result = agent.cli(*command, *case.input_flags, check=False)
+            assert result.returncode == 3, (case.path.name, command[0], result.stderr)
+            assert f"{case.path.name}:" in result.stderr and "error:" in result.stderr, result.stderr
+            assert "Traceback" not in result.stderr + result.stdout
+    assert agent.workloads() == before
+    assert agent.json("status", "hello-world")["revision"] == revision
