@@ -11,7 +11,7 @@ import dataclasses
 import enum
 import types
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from functools import cache
 from typing import Any, TypeVar, cast
 
@@ -78,49 +78,64 @@ def load_value(data: Any) -> Any:
 
 def load(cls: type[T], data: Any) -> T:
     """Build an instance of the dataclass ``cls`` from what :func:`dump` produced."""
-    return cast(T, _load(cls, data))
+    decode: Decoder = _decoder(cast(Any, cls))
+    return cast(T, decode(data))
+
+
+Decoder = Callable[[Any], Any]
+
+
+def _identity(data: Any) -> Any:
+    return data
 
 
 @cache
-def _hints(cls: type[Any]) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def _load(tp: Any, data: Any) -> Any:
+def _decoder(tp: Any) -> Decoder:
+    """A function that decodes data of type ``tp``, made once per type: the records of a large service are
+    decoded on every reconcile pass, and reading the type hints again for every value cost most of it."""
     if tp is Any:
-        return load_value(data)
+        return load_value
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if data is None and type(None) in args:
-            return None
-        candidates = [a for a in args if a is not type(None)]
-        if len(candidates) == 1:
-            return _load(candidates[0], data)
-        for candidate in candidates:  # unions of primitives: take the first that fits
-            if isinstance(candidate, type) and isinstance(data, candidate):
-                return data
-        return data
+        return _union_decoder(tp)
     if origin is tuple:
         args = typing.get_args(tp)
         if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_load(args[0], v) for v in data)
-        return tuple(_load(a, v) for a, v in zip(args, data, strict=True))
+            item = _decoder(args[0])
+            return lambda data: tuple(item(v) for v in data)
+        items = [_decoder(a) for a in args]
+        return lambda data: tuple(d(v) for d, v in zip(items, data, strict=True))
     if origin in (list, Sequence):
         (arg,) = typing.get_args(tp)
-        return [_load(arg, v) for v in data]
+        item = _decoder(arg)
+        return lambda data: [item(v) for v in data]
     if origin in (dict, Mapping):
-        _, value_type = typing.get_args(tp)
-        return {k: _load(value_type, v) for k, v in data.items()}
+        value = _decoder(typing.get_args(tp)[1])
+        return lambda data: {k: value(v) for k, v in data.items()}
     if isinstance(tp, type) and issubclass(tp, enum.Enum):
-        return tp(data)
+        return tp
     if isinstance(tp, type) and dataclasses.is_dataclass(tp):
-        hints = _hints(tp)
-        kwargs = {}
-        for f in dataclasses.fields(tp):
-            if f.name in data:
-                kwargs[f.name] = _load(hints[f.name], data[f.name])
-        return tp(**kwargs)
-    if tp is float and isinstance(data, int):
-        return float(data)
-    return data
+        return _dataclass_decoder(tp)
+    if tp is float:
+        return lambda data: float(data) if isinstance(data, int) and not isinstance(data, bool) else data
+    return _identity
+
+
+def _union_decoder(tp: Any) -> Decoder:
+    args = typing.get_args(tp)
+    candidates = [a for a in args if a is not type(None)]
+    if len(candidates) == 1:
+        inner = _decoder(candidates[0])
+        return lambda data: None if data is None else inner(data)
+    # Unions of primitives (str | int in a field path) are taken as they come.
+    return _identity
+
+
+def _dataclass_decoder(cls: type[Any]) -> Decoder:
+    hints = typing.get_type_hints(cls)
+    fields = [(f.name, _decoder(hints[f.name])) for f in dataclasses.fields(cls)]
+
+    def decode(data: Any) -> Any:
+        return cls(**{name: decode_field(data[name]) for name, decode_field in fields if name in data})
+
+    return decode

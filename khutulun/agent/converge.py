@@ -17,16 +17,19 @@ from typing import Any
 
 from khutulun.agent.context import AgentContext
 from khutulun.agent.runner import Outcome, StepResult, run_steps
-from khutulun.errors import BusyError, DelegateError
+from khutulun.errors import BusyError, DelegateError, KhutulunError
 from khutulun.expressions import Unknown, resolve
 from khutulun.instances import Attributes, DesiredResource, desired_resources
 from khutulun.plan import Action, Plan, Step, make_plan
 from khutulun.resources import Live, LiveState, Resource, ResourceId, spec_hash
 from khutulun.state import Event, ResourceRecord, ServiceRecord, ServiceStatus
 
-__all__ = ["Convergence", "Converger", "Listener", "Situation"]
+__all__ = ["Convergence", "Converger", "Listener", "Listing", "Situation"]
 
 log = logging.getLogger(__name__)
+
+Listing = dict[ResourceId, tuple[str, Live]]
+"""What carries delegates' markers on this host: resource id → (delegate, live)."""
 
 Listener = Callable[[dict[str, Any]], None]
 """Receives progress events (plan, step started, step result) as JSON-able dicts."""
@@ -42,9 +45,19 @@ class Situation:
     desired: dict[ResourceId, DesiredResource]
     prior: dict[ResourceId, ResourceRecord]
     live: dict[ResourceId, Live | None]
-    orphans: list[tuple[ResourceId, Live]]
+    orphans: list[tuple[ResourceId, str, Live]]
+    """(id, delegate, live) of what runs here with this service's markers and no record."""
     known: dict[ResourceId, dict[str, Any]] = field(default_factory=dict)
-    """Attributes by resource: placement's, then what delegates reported. Grows as steps finish."""
+    """Attributes by resource: placement's, then what delegates reported. Change it with :meth:`learn`."""
+    _resolved: dict[ResourceId, tuple[dict[str, Any] | None, str | None]] = field(default_factory=dict)
+
+    def learn(self, rid: ResourceId, attributes: dict[str, Any] | None) -> None:
+        """What a step found out (or, with None, that the resource is gone): specs resolve anew after it."""
+        if attributes is None:
+            self.known.pop(rid, None)
+        else:
+            self.known[rid] = attributes
+        self._resolved.clear()
 
     @property
     def revision(self) -> int:
@@ -56,6 +69,12 @@ class Situation:
         return Attributes(self.namespace, self.service, self.record.topology, self.known)
 
     def resolve(self, desired: DesiredResource) -> tuple[dict[str, Any] | None, str | None]:
+        """The resource's spec and hash as far as the known attributes go (memoized until one changes)."""
+        if desired.id not in self._resolved:
+            self._resolved[desired.id] = self._resolve(desired)
+        return self._resolved[desired.id]
+
+    def _resolve(self, desired: DesiredResource) -> tuple[dict[str, Any] | None, str | None]:
         attributes = self.attributes()
         if attributes is None:
             return None, None
@@ -86,6 +105,7 @@ class Converger:
     def __init__(self, ctx: AgentContext) -> None:
         self.ctx = ctx
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
+        self._writes: dict[tuple[str, str], asyncio.Lock] = {}
 
     def lock(self, namespace: str, service: str) -> asyncio.Lock:
         return self._locks.setdefault((namespace, service), asyncio.Lock())
@@ -119,9 +139,20 @@ class Converger:
 
     # -- seeing the situation -------------------------------------------------------------------------
 
+    async def listing(self) -> Listing:
+        """Everything on this host that carries a delegate's markers: one scan, for many services."""
+        found: Listing = {}
+        for delegate in self.ctx.delegates.values():
+            if delegate.capabilities.list:
+                for rid, live in await delegate.list():
+                    found[rid] = (delegate.name, live)
+        return found
+
     async def situation(self, namespace: str, service: str, record: ServiceRecord | None,
-                        prior: Mapping[ResourceId, ResourceRecord]) -> Situation:
+                        prior: Mapping[ResourceId, ResourceRecord], listing: Listing | None = None) -> Situation:
         """What is desired (by ``record``), applied and running for the service on this host."""
+        if listing is None:
+            listing = await self.listing()
         host = self.ctx.host
         wanted: list[DesiredResource] = []
         if record is not None and record.status is not ServiceStatus.DESTROYING:
@@ -134,9 +165,12 @@ class Converger:
         desired = {d.id: d for d in wanted if d.host == host}
         mine = {rid: r for rid, r in prior.items() if r.host == host}
         situation = Situation(namespace, service, record, desired, mine, {}, [], known)
-        for rid in set(desired) | set(mine):
-            situation.live[rid] = await self._inspect(situation, rid)
-        situation.orphans = await self._orphans(namespace, service, set(desired) | set(mine))
+        accounted = set(desired) | set(mine)
+        for rid in accounted:
+            situation.live[rid] = await self._inspect(situation, rid, listing)
+        # Resources of this service found running here with no record: started just before a crash.
+        situation.orphans = [(rid, name, live) for rid, (name, live) in listing.items()
+                             if rid.namespace == namespace and rid.service == service and rid not in accounted]
         return situation
 
     def _resource(self, situation: Situation, rid: ResourceId) -> Resource:
@@ -153,27 +187,21 @@ class Converger:
         assert wanted is not None
         return Resource(rid, wanted.delegate, self.ctx.host, dict(wanted.spec), "", handle)
 
-    async def _inspect(self, situation: Situation, rid: ResourceId) -> Live | None:
+    async def _inspect(self, situation: Situation, rid: ResourceId, listing: Listing) -> Live | None:
         resource = self._resource(situation, rid)
         try:
-            return await self.ctx.delegate(resource.delegate).inspect(resource)
+            delegate = self.ctx.delegate(resource.delegate)
+            if delegate.capabilities.list and not resource.handle:
+                # Nothing recorded to find it by: the listing, made once for all resources, has it if anything
+                # does, where an inspect would scan the host again for each one.
+                found = listing.get(rid)
+                return found[1] if found is not None and found[0] == delegate.name else None
+            return await delegate.inspect(resource)
         except DelegateError as e:
             return Live(LiveState.FAILED, None, message=e.message)
 
-    async def _orphans(self, namespace: str, service: str, accounted: set[ResourceId]) -> list[tuple[ResourceId,
-                                                                                                      Live]]:
-        """Resources of this service found running here with no record: started just before a crash."""
-        found: list[tuple[ResourceId, Live]] = []
-        for delegate in self.ctx.delegates.values():
-            if not delegate.capabilities.list:
-                continue
-            for rid, live in await delegate.list():
-                if rid.namespace == namespace and rid.service == service and rid not in accounted:
-                    found.append((rid, replace(live, handle={**live.handle, "delegate": delegate.name})))
-        return found
-
     def plan(self, situation: Situation) -> Plan:
-        orphans = [(rid, self.ctx.host, str(live.handle.get("delegate", ""))) for rid, live in situation.orphans]
+        orphans = [(rid, self.ctx.host, name) for rid, name, _ in situation.orphans]
         return make_plan(situation.namespace, situation.service, situation.revision,
                          list(situation.desired.values()), situation.prior, situation.live, situation.resolve,
                          also_delete=orphans, destroying=situation.record is not None
@@ -181,13 +209,29 @@ class Converger:
 
     # -- changing things ------------------------------------------------------------------------------
 
-    async def _locked(self, situation: Situation, fn: Callable[..., Any], *args: Any) -> None:
-        """A write to the service's records, under its (short) exclusive lock, off the event loop."""
-        def call() -> None:
-            with self.ctx.store.service_lock(situation.namespace, situation.service):
-                fn(*args)
+    async def _write(self, situation: Situation, *calls: tuple[Callable[..., Any], tuple[Any, ...]]) -> None:
+        """Writes to the service's records, together under its exclusive lock, off the event loop. Steps of
+        one agent queue here first, so they do not poll the lock file against each other."""
+        key = (situation.namespace, situation.service)
+        async with self._writes.setdefault(key, asyncio.Lock()):
+            def call() -> None:
+                with self.ctx.store.service_lock(situation.namespace, situation.service):
+                    for fn, args in calls:
+                        fn(*args)
 
-        await self.ctx.io(call)
+            await self.ctx.io(call)
+
+    def _event(self, situation: Situation, kind: str, message: str, step: Step) -> tuple[Callable[..., Any],
+                                                                                          tuple[Any, ...]]:
+        event = Event(time=time.time(), kind=kind, message=message, resource=str(step.id), host=self.ctx.host,
+                      revision=situation.revision)
+        return self._append_event, (situation.namespace, situation.service, event)
+
+    def _append_event(self, namespace: str, service: str, event: Event) -> None:
+        try:
+            self.ctx.store.append_event(namespace, service, event)
+        except KhutulunError:  # the history is for people; a full disk must not fail the step that happened
+            log.exception("cannot record an event for %s/%s", namespace, service)
 
     async def run(self, situation: Situation, plan: Plan, *, purge: bool = False,
                   listener: Listener | None = None) -> Convergence:
@@ -219,64 +263,59 @@ class Converger:
         resource = Resource(step.id, wanted.delegate, self.ctx.host, spec, digest, prior.handle if prior else {})
         restart = prior is not None and prior.spec_hash == digest
         try:
-            live = await delegate.inspect(resource)
-            live = await delegate.apply(resource, live)
+            # What the situation saw moments ago: this host's converge of the service is ours alone.
+            live = await delegate.apply(resource, situation.live.get(step.id))
         except DelegateError as e:
-            await self._record(situation, wanted, spec, digest, Live(LiveState.FAILED, None, message=e.message),
-                               prior)
-            await self._event(situation, "fail", f"{step.action.value} failed: {e.message}", step)
+            failed = self._record(situation, wanted, spec, digest, Live(LiveState.FAILED, None, message=e.message),
+                                  prior)
+            await self._write(situation, (self.ctx.store.write_resource, (failed,)),
+                              self._event(situation, "fail", f"{step.action.value} failed: {e.message}", step))
+            situation.prior[wanted.id] = failed
             raise
-        record = await self._record(situation, wanted, spec, digest, live, prior, restarted=restart)
-        situation.known[step.id] = dict(record.attributes)
+        record = self._record(situation, wanted, spec, digest, live, prior, restarted=restart)
         kind = "restart" if restart else step.action.value
-        await self._event(situation, kind, f"{kind}: {step.reason}", step)
+        await self._write(situation, (self.ctx.store.write_resource, (record,)),
+                          self._event(situation, kind, f"{kind}: {step.reason}", step))
+        situation.prior[wanted.id] = record
+        situation.live[wanted.id] = live
+        situation.learn(step.id, dict(record.attributes))
         return "restarted" if restart else f"{step.action.value}d"
 
-    async def _record(self, situation: Situation, wanted: DesiredResource, spec: dict[str, Any], digest: str,
-                      live: Live, prior: ResourceRecord | None, *, restarted: bool = False) -> ResourceRecord:
+    def _record(self, situation: Situation, wanted: DesiredResource, spec: dict[str, Any], digest: str, live: Live,
+                prior: ResourceRecord | None, *, restarted: bool = False) -> ResourceRecord:
         restarts = (prior.restarts if prior else 0) + (1 if restarted else 0)
-        record = ResourceRecord(
+        return ResourceRecord(
             id=wanted.id, delegate=wanted.delegate, host=self.ctx.host, revision=situation.revision, spec=spec,
             spec_hash=digest if live.healthy else (prior.spec_hash if prior else ""), state=live.state,
             depends_on=wanted.depends_on, handle=dict(live.handle) or (dict(prior.handle) if prior else {}),
             attributes={**wanted.attributes, **live.attributes}, message=live.message, restarts=restarts,
             started_at=live.started_at if live.healthy else (prior.started_at if prior else None),
             updated_at=time.time())
-        await self._locked(situation, self.ctx.store.write_resource, record)
-        situation.prior[wanted.id] = record
-        return record
 
     async def _delete(self, situation: Situation, step: Step, *, purge: bool) -> str:
         prior = situation.prior.get(step.id)
-        orphan = next((live for rid, live in situation.orphans if rid == step.id), None)
+        orphan = next((live for rid, _, live in situation.orphans if rid == step.id), None)
         if prior is not None:
             resource = Resource(step.id, prior.delegate, self.ctx.host, prior.spec, prior.spec_hash, prior.handle)
+            live = situation.live.get(step.id)
         elif orphan is not None:
             resource = Resource(step.id, step.delegate, self.ctx.host, {}, orphan.spec_hash or "", orphan.handle)
+            live = orphan
         else:
             return "already gone"
-        delegate = self.ctx.delegate(resource.delegate)
         try:
-            live = await delegate.inspect(resource)
-            await delegate.delete(resource, live, purge=purge)
+            await self.ctx.delegate(resource.delegate).delete(resource, live, purge=purge)
         except DelegateError as e:
+            writes = [self._event(situation, "fail", f"delete failed: {e.message}", step)]
             if prior is not None:
-                await self._locked(situation, self.ctx.store.write_resource,
-                                   replace(prior, message=f"delete failed: {e.message}", updated_at=time.time()))
-            await self._event(situation, "fail", f"delete failed: {e.message}", step)
+                kept = replace(prior, message=f"delete failed: {e.message}", updated_at=time.time())
+                writes.insert(0, (self.ctx.store.write_resource, (kept,)))
+            await self._write(situation, *writes)
             raise
-        await self._locked(situation, self.ctx.store.remove_resource, step.id)
+        await self._write(situation, (self.ctx.store.remove_resource, (step.id,)),
+                          self._event(situation, "delete", f"deleted: {step.reason}", step))
         await self.ctx.io(self.ctx.store.release_ports, self.ctx.host, [str(step.id)])
         situation.prior.pop(step.id, None)
-        situation.known.pop(step.id, None)
-        await self._event(situation, "delete", f"deleted: {step.reason}", step)
+        situation.live.pop(step.id, None)
+        situation.learn(step.id, None)
         return "deleted"
-
-    async def _event(self, situation: Situation, kind: str, message: str, step: Step) -> None:
-        event = Event(time=time.time(), kind=kind, message=message, resource=str(step.id), host=self.ctx.host,
-                      revision=situation.revision)
-        try:
-            await self._locked(situation, self.ctx.store.append_event, situation.namespace, situation.service,
-                               event)
-        except Exception:  # the history is for people; a full disk must not fail the step that happened
-            log.exception("cannot record an event for %s/%s", situation.namespace, situation.service)

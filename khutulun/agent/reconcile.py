@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, replace
 
 from khutulun.agent.context import AgentContext
-from khutulun.agent.converge import Converger, Situation
+from khutulun.agent.converge import Converger, Listing, Situation
 from khutulun.agent.operations import Operations
 from khutulun.delegates.base import Delegate
 from khutulun.errors import BusyError, KhutulunError, NotSupportedError
@@ -67,18 +67,19 @@ class Reconciler:
 
     async def reconcile_all(self) -> None:
         services = await self.ctx.io(self.ctx.store.all_services)
+        listing = await self.converger.listing()  # one scan of this host for every service
         for record in services:
             if self.converger.busy(record.namespace, record.name):
                 continue
             try:
-                await self.reconcile(record)
+                await self.reconcile(record, listing)
             except BusyError:
                 continue
             except KhutulunError as e:
                 log.warning("reconciling %s/%s failed: %s", record.namespace, record.name, e.message)
-        await self.sweep_orphans({(s.namespace, s.name) for s in services})
+        await self.sweep_orphans({(s.namespace, s.name) for s in services}, listing)
 
-    async def reconcile(self, record: ServiceRecord) -> None:
+    async def reconcile(self, record: ServiceRecord, listing: Listing) -> None:
         namespace, service = record.namespace, record.name
         async with self.converger.exclusive(namespace, service, wait=False):
             # Read again under the lease: a deploy may have finished between the listing and now.
@@ -86,7 +87,7 @@ class Reconciler:
             if snapshot.service is None:
                 return
             record = snapshot.service
-            situation = await self.converger.situation(namespace, service, record, snapshot.resources)
+            situation = await self.converger.situation(namespace, service, record, snapshot.resources, listing)
             plan = self._with_backoff(situation, self.converger.plan(situation))
             self._forget_stable(situation)
             if plan.changes:
@@ -155,17 +156,14 @@ class Reconciler:
 
     # -- orphans --------------------------------------------------------------------------------------
 
-    async def sweep_orphans(self, services: set[tuple[str, str]]) -> None:
+    async def sweep_orphans(self, services: set[tuple[str, str]], listing: Listing) -> None:
         """Remove what carries our markers on this host but belongs to no service at all."""
-        for delegate in self.ctx.delegates.values():
-            if not delegate.capabilities.list:
+        for rid, (name, live) in listing.items():
+            if (rid.namespace, rid.service) in services or self.converger.busy(rid.namespace, rid.service):
                 continue
-            for rid, live in await delegate.list():
-                if (rid.namespace, rid.service) in services or self.converger.busy(rid.namespace, rid.service):
-                    continue
-                log.info("removing %s (%s): it belongs to no service", rid, delegate.name)
-                try:
-                    await delegate.delete(Resource(rid, delegate.name, self.ctx.host, {}, live.spec_hash or "",
-                                                   live.handle), live)
-                except KhutulunError as e:
-                    log.warning("cannot remove orphan %s: %s", rid, e.message)
+            log.info("removing %s (%s): it belongs to no service", rid, name)
+            try:
+                await self.ctx.delegate(name).delete(Resource(rid, name, self.ctx.host, {}, live.spec_hash or "",
+                                                              live.handle), live)
+            except KhutulunError as e:
+                log.warning("cannot remove orphan %s: %s", rid, e.message)

@@ -51,6 +51,7 @@ speak the locale; never the agent's own ``KHUTULUN_*`` settings, which are not t
 _SPEC_KEYS = frozenset({"command", "environment", "working_directory", "stop_timeout"})
 _KILL_WAIT = 5.0  # after SIGKILL, only a process stuck in the kernel takes longer than this to end
 _LOG_TAIL_LINES = 5
+_ENVIRONMENTS_KEPT = 4096
 
 
 @dataclass(frozen=True)
@@ -169,6 +170,7 @@ class ProcessDelegate(Delegate):
         self._watched: dict[int, _Watch] = {}
         self._events: asyncio.Queue[ResourceId | None] = asyncio.Queue()
         self._exits: dict[ResourceId, _Exit] = {}
+        self._environments: dict[tuple[int, int], dict[str, str]] = {}
         self._closed = False
 
     # --- paths ---
@@ -188,13 +190,32 @@ class ProcessDelegate(Delegate):
         """``stat``'s process if it is a live session leader with this host's markers (and ``rid``'s, if given)."""
         if stat is None or not stat.alive or not stat.session_leader:
             return None
-        environment = procfs.read_environ(stat.pid)
+        environment = self._environment(stat)
         if environment is None or environment.get(HOST_MARKER) != self.context.host:
             return None
         marker = environment.get(RESOURCE_MARKER)
         if marker is None or (rid is not None and marker != str(rid)):
             return None
         return _Found(stat, environment)
+
+    def _environment(self, stat: procfs.ProcStat) -> dict[str, str] | None:
+        """A process's environment, read once for each workload rather than on every inspect of every pass.
+
+        Only an environment with our resource marker is kept: that is a workload after its exec, and it never
+        changes (a pid and a start time name one process for good). Anything else is read again next time,
+        because a child between fork and exec (already its own session leader, as the spawn calls setsid
+        first) shows the agent's environment under the very pid and start time the workload will have.
+        """
+        key = (stat.pid, stat.start_time)
+        found = self._environments.get(key)
+        if found is not None:
+            return found
+        environment = procfs.read_environ(stat.pid)
+        if environment is not None and RESOURCE_MARKER in environment:
+            if len(self._environments) >= _ENVIRONMENTS_KEPT:
+                self._environments.clear()  # the simplest bound: start over; the next pass refills what runs
+            self._environments[key] = environment
+        return environment
 
     def _from_handle(self, rid: ResourceId, handle: Mapping[str, Any] | None) -> _Found | None:
         pid, start_time = (handle or {}).get("pid"), (handle or {}).get("start_time")
@@ -216,7 +237,7 @@ class ProcessDelegate(Delegate):
     # --- the interface ---
 
     async def inspect(self, resource: Resource) -> Live | None:
-        self._reap_children()
+        self._reap_children(resource.id)
         found = self._from_handle(resource.id, resource.handle)
         if found is None:
             # No usable handle: the agent may have died between starting the process and recording it.
@@ -351,12 +372,14 @@ class ProcessDelegate(Delegate):
     async def _stop(self, resource: Resource, live: Live | None, stop_timeout: float) -> None:
         """Stop every process of ``resource`` on this host: the recorded ones and any a scan finds."""
         rid = resource.id
-        self._reap_children()
+        self._reap_children(rid)
         handles = [h for h in (live.handle if live else None, resource.handle) if h]
-        targets = {f.stat.pid: f.stat for f in await asyncio.to_thread(self._scan, rid)}
-        for handle in handles:
-            if found := self._from_handle(rid, handle):
-                targets[found.stat.pid] = found.stat
+        targets = {found.stat.pid: found.stat for handle in handles if (found := self._from_handle(rid, handle))}
+        if not targets:
+            # Nothing recorded finds it: it may run unrecorded (an agent died right after starting it). A second
+            # leader with the same markers (a workload that made a session of its own) is left to the reconcile
+            # loop, which removes what carries the markers of no service.
+            targets = {f.stat.pid: f.stat for f in await asyncio.to_thread(self._scan, rid)}
         await asyncio.gather(*(self._stop_one(rid, stat, stop_timeout) for stat in targets.values()))
         # A leader that ended before may have left members of its session behind; they carry our markers.
         for handle in handles:
@@ -440,10 +463,13 @@ class ProcessDelegate(Delegate):
         if child.host == self.context.host:
             self._exits[child.rid] = _Exit(pid, child.spec_hash, returncode)
 
-    def _reap_children(self) -> None:
-        """Reap every child that has ended, so that none stays a zombie while no watch covers it."""
-        for pid in list(_CHILDREN):
-            self._reap(pid)
+    def _reap_children(self, rid: ResourceId | None = None) -> None:
+        """Reap every child that has ended (of one resource, with ``rid``), so that none stays a zombie while no
+        watch covers it. An inspect reaps only its own: a pass inspects every resource, and polling every child
+        for each would cost the square of the number of children every pass."""
+        for pid, child in list(_CHILDREN.items()):
+            if rid is None or child.rid == rid:
+                self._reap(pid)
 
     def _watch(self, rid: ResourceId, stat: procfs.ProcStat) -> None:
         if self._closed or stat.pid in self._watched:

@@ -33,12 +33,14 @@ import os
 import posixpath
 import secrets
 import shutil
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from khutulun import codec
 from khutulun.bundle import Bundle, check_relative_path
@@ -108,9 +110,44 @@ def _decode(cls: type[T], data: Any, path: Path) -> T:
         raise StateError(f"the record {str(path)!r} is not a valid {cls.__name__}: {e}") from e
 
 
+class _Decoded:
+    """Records decoded before, by their bytes: the reconcile loop reads every record of every service each
+    pass, and JSON parsing and decoding cost far more than the read. The file is still read each time (an
+    open is what makes NFS revalidate it), so a record is never older than what the file says now."""
+
+    SIZE = 8192
+
+    def __init__(self) -> None:
+        self._entries: OrderedDict[tuple[str, bytes], Any] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, cls: type[T], path: Path) -> T | None:
+        raw = read_bytes(path)
+        if raw is None:
+            return None
+        key = (f"{cls.__qualname__}:{path}", hashlib.blake2b(raw, digest_size=16).digest())
+        with self._lock:
+            found = self._entries.get(key)
+            if found is not None:
+                self._entries.move_to_end(key)
+                return cast(T, found)
+        try:
+            data = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise StateError(f"the record {str(path)!r} is not valid JSON: {e}") from e
+        record = _decode(cls, data, path)
+        with self._lock:  # records are frozen: one decoded object can be handed to every reader
+            self._entries[key] = record
+            while len(self._entries) > self.SIZE:
+                self._entries.popitem(last=False)
+        return record
+
+
+_decoded = _Decoded()
+
+
 def _load(cls: type[T], path: Path) -> T | None:
-    data = read_json(path)
-    return None if data is None else _decode(cls, data, path)
+    return _decoded.get(cls, path)
 
 
 def _list_dir(directory: Path) -> list[str]:

@@ -30,7 +30,7 @@ def collect_bundle(path: str | Path, library: ProfileLibrary | None = None) -> B
         raise InvalidInputError(f"cannot read {str(path)!r}: {e}") from e
     disk = DiskSource("/")
     main = FileRef(disk, str(absolute)[1:])
-    sources = load_sources(main, library or ProfileLibrary())
+    sources = load_sources(main, library or ProfileLibrary(), positions=False)
     texts = {"/" + ref.rel: ref.read() for ref in sources.files if ref.source is disk}
     texts["/" + main.rel] = main_text
     root = os.path.commonpath([posixpath.dirname(p) for p in texts])

@@ -102,7 +102,7 @@ def _resolve(importer: LoadedFile, main: FileRef, name: str, library: ProfileLib
     return library.find(name)
 
 
-def load_sources(main: FileRef, library: ProfileLibrary) -> SourceSet:
+def load_sources(main: FileRef, library: ProfileLibrary, *, positions: bool = True) -> SourceSet:
     problems: list[Problem] = []
     files: dict[FileRef, LoadedFile] = {}
 
@@ -111,7 +111,7 @@ def load_sources(main: FileRef, library: ProfileLibrary) -> SourceSet:
         if text is None:
             problems.append(Problem(f"cannot read the file {ref.display!r}", ref.display))
             return None
-        doc, found = parse_yaml(ref.display, text)
+        doc, found = parse_yaml(ref.display, text, positions=positions)
         problems.extend(found)
         if doc is None:
             return None

@@ -647,3 +647,15 @@ async def test_odd_node_names_make_safe_file_names_and_are_listed(
     assert delegate.log_path(resource.id) == context.data_dir / "logs" / "test" / "svc" / "..%2Fweb%2Fa%20b.2.log"
     assert os.readlink(f"/proc/{handle_of(live)[0]}/cwd") == str(context.data_dir / "work/test/svc/..%2Fweb%2Fa%20b.2")
     assert [rid for rid, _ in await delegate.list()] == [resource.id]
+
+
+def test_an_environment_without_markers_is_read_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Between fork and exec a child shows the agent's environment under the pid and start time the workload
+    will keep: a read then must not be remembered (it once hid a workload from every later inspect)."""
+    delegate = ProcessDelegate(DelegateContext("h", tmp_path, Timeouts()))
+    stat = procfs.ProcStat(pid=4242, comm="x", state="S", ppid=1, pgrp=4242, session=4242, start_time=99)
+    answers = iter([{"PATH": "/bin"}, {"KHUTULUN_RESOURCE": "ns/svc/web/0", "KHUTULUN_HOST": "h"}])
+    monkeypatch.setattr(procfs, "read_environ", lambda pid: next(answers))
+    assert "KHUTULUN_RESOURCE" not in (delegate._environment(stat) or {})
+    assert (delegate._environment(stat) or {}).get("KHUTULUN_RESOURCE") == "ns/svc/web/0"
+    assert (delegate._environment(stat) or {}).get("KHUTULUN_RESOURCE") == "ns/svc/web/0"  # kept now

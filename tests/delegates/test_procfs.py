@@ -84,7 +84,11 @@ def test_readers_on_a_child(tmp_path: Path) -> None:
     with subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE,
                           env={"ONE": "1", "TWO": "two words"}, start_new_session=True) as child:
         try:
-            environment = procfs.read_environ(child.pid)
+            # Popen returns once exec has closed its error pipe, which the kernel does before the new program's
+            # environment is in place: for a moment the environment reads as empty.
+            deadline = time.monotonic() + 5
+            while (environment := procfs.read_environ(child.pid)) is None and time.monotonic() < deadline:
+                time.sleep(0.001)
             stat = procfs.read_stat(child.pid)
             assert environment is not None
             assert environment["ONE"] == "1"
