@@ -3,6 +3,7 @@ changes nothing that runs."""
 
 from __future__ import annotations
 
+import itertools
 import subprocess
 import sys
 import time
@@ -107,3 +108,40 @@ def test_a_reconcile_pass_during_a_deploy_never_restarts_or_duplicates_anything(
             assert agent.workloads() == []
     finally:
         agent.cleanup()
+
+
+def test_a_directory_removed_by_hand_is_made_again(agent: Agent) -> None:
+    import shutil
+    import urllib.request
+
+    agent.cli("deploy", str(ROOT / "examples" / "hello-world.yaml"))
+    site = agent.root / "data" / "directory" / "directories" / "default" / "hello-world" / "site.0"
+    assert (site / "index.html").is_file()
+    shutil.rmtree(site)
+    deadline = time.monotonic() + 5
+    while not (site / "index.html").is_file():
+        assert time.monotonic() < deadline, "the directory was not made again"
+        time.sleep(0.05)
+    url = agent.json("outputs", "hello-world")["url"]
+    with urllib.request.urlopen(url, timeout=5) as answer:
+        assert "Hello from Khutulun" in answer.read().decode()
+
+
+def test_a_workload_that_keeps_failing_is_restarted_with_a_growing_delay(agent: Agent, tmp_path: Path) -> None:
+    import json
+
+    template = tmp_path / "crashing.yaml"
+    template.write_text("tosca_definitions_version: tosca_simple_yaml_1_3\nimports: [khutulun/profile.yaml]\n"
+                        "topology_template:\n  node_templates:\n    bad:\n      type: khutulun.nodes.Process\n"
+                        "      properties: {command: [sh, -c, 'echo giving up; exit 3']}\n")
+    failed = agent.cli("deploy", str(template), check=False)
+    assert failed.returncode == 1 and "did not succeed" in failed.stderr
+    status = agent.json("status", "crashing")
+    assert status["status"] == "failed" and "exited with code 3" in status["instances"][0]["message"]
+    time.sleep(8)
+    events = agent.root / "state" / "namespaces" / "default" / "services" / "crashing" / "events.jsonl"
+    attempts = [e for e in map(json.loads, events.read_text().splitlines()) if e["kind"] == "fail"]
+    # Every 0.5 s without a backoff (17 attempts); with one: at 0, then about 0.5, 1.5, 3.5 and 7.5 s.
+    assert 3 <= len(attempts) <= 7, [round(e["time"] - attempts[0]["time"], 1) for e in attempts]
+    gaps = [b["time"] - a["time"] for a, b in itertools.pairwise(attempts)]
+    assert gaps[-1] > 1.5 * gaps[0], gaps
