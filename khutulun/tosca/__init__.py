@@ -22,25 +22,26 @@ __all__ = ["collect_bundle", "load_bundle", "load_file"]
 DEFAULT_TIMEOUT = 60.0
 
 
+def _request(inputs: Mapping[str, Any] | None, registered: Mapping[str, str | Path] | None,
+             profile_roots: list[Path] | None, **source: Any) -> LoadRequest:
+    return LoadRequest(inputs=dict(inputs or {}),
+                       profile_roots=None if profile_roots is None else tuple(str(p) for p in profile_roots),
+                       registered=tuple((k, str(v)) for k, v in (registered or {}).items()), **source)
+
+
 def load_bundle(bundle: Bundle, inputs: Mapping[str, Any] | None = None, *,
                 registered: Mapping[str, str | Path] | None = None, profile_roots: list[Path] | None = None,
                 timeout: float = DEFAULT_TIMEOUT) -> Topology:
     """Load a template bundle. ``registered`` maps the names of templates registered in the namespace to the
     directories of their files, for imports such as ``acme/types.yaml``."""
-    request = LoadRequest(
-        inputs=dict(inputs or {}), bundle=bundle,
-        profile_roots=None if profile_roots is None else tuple(str(p) for p in profile_roots),
-        registered=tuple((k, str(v)) for k, v in (registered or {}).items()))
     display = f"{bundle.root}/{bundle.main}" if bundle.root else bundle.main
-    return load_in_worker(request, timeout=timeout, display=display)
+    return load_in_worker(_request(inputs, registered, profile_roots, bundle=bundle), timeout=timeout,
+                          display=display)
 
 
 def load_file(path: str | Path, inputs: Mapping[str, Any] | None = None, *,
               registered: Mapping[str, str | Path] | None = None, profile_roots: list[Path] | None = None,
               timeout: float = DEFAULT_TIMEOUT) -> Topology:
     """Load a template from a file on this machine."""
-    request = LoadRequest(
-        inputs=dict(inputs or {}), path=str(path),
-        profile_roots=None if profile_roots is None else tuple(str(p) for p in profile_roots),
-        registered=tuple((k, str(v)) for k, v in (registered or {}).items()))
-    return load_in_worker(request, timeout=timeout, display=str(path))
+    return load_in_worker(_request(inputs, registered, profile_roots, path=str(path)), timeout=timeout,
+                          display=str(path))

@@ -107,3 +107,29 @@ def test_an_agent_refuses_tcp_without_a_token_file() -> None:
     assert result.returncode == 3 and "needs a token_file" in result.stderr
     assert not os.path.exists(agent.root / "data" / "agent.sock")
     time.sleep(0)  # nothing was started
+
+
+def test_the_api_answers_a_broken_template_with_its_located_problems(agent: Agent) -> None:
+    """For clients other than the CLI: POST /v1/namespaces/NS/validate, and the error format."""
+    import asyncio
+
+    from khutulun.client import Client
+    from khutulun.errors import TemplateError
+
+    example = Path(EXAMPLE).read_text()
+
+    async def ask() -> None:
+        async with Client(f"unix:{agent.root / 'data' / 'agent.sock'}") as client:
+            good = await client.request("POST", "/v1/namespaces/default/validate", {
+                "bundle": {"main": "t.yaml", "files": {"t.yaml": example}}})
+            assert [n["name"] for n in good["nodes"]] == ["site", "web", "checker"]
+            with pytest.raises(TemplateError) as caught:
+                await client.request("POST", "/v1/namespaces/default/validate", {
+                    "bundle": {"main": "t.yaml", "root": "/somewhere", "files": {
+                        "t.yaml": "tosca_definitions_version: tosca_simple_yaml_1_3\nimports: [khutulun/profile."
+                                  "yaml]\ntopology_template: {node_templates: {w: {type: khutulun.nodes.Nope}}}\n"}}})
+            problem = caught.value.problems[0]
+            assert (problem.file, problem.line) == ("/somewhere/t.yaml", 3)
+            assert problem.message.startswith("unknown node type 'khutulun.nodes.Nope'")
+
+    asyncio.run(ask())

@@ -17,21 +17,21 @@ from tests.e2e.harness import ROOT, Agent
 pytestmark = pytest.mark.e2e
 
 
-def chain(count: int) -> str:
-    """``count`` processes, each depending on the one before: a deploy that starts them one by one."""
+def sleepers(count: int, *, chained: bool) -> str:
+    """``count`` processes; chained, each depends on the one before, so that a deploy starts them one by one."""
     lines = ["tosca_definitions_version: tosca_simple_yaml_1_3", "imports: [khutulun/profile.yaml]",
              "topology_template:", "  node_templates:"]
     for i in range(count):
         lines += [f"    p{i:02d}:", "      type: khutulun.nodes.Process",
                   "      properties: {command: [sleep, '3600']}"]
-        if i:
+        if chained and i:
             lines.append(f"      requirements: [{{dependency: p{i - 1:02d}}}]")
     return "\n".join(lines) + "\n"
 
 
 def test_kill_9_of_the_agent_mid_deploy_then_deploy_again_gives_exactly_twenty(agent: Agent, tmp_path: Path) -> None:
     template = tmp_path / "twenty.yaml"
-    template.write_text(chain(20))
+    template.write_text(sleepers(20, chained=True))
     deploying = subprocess.Popen([sys.executable, "-m", "khutulun.cli", "deploy", str(template)], env=agent.env,
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
     deadline = time.monotonic() + 60
@@ -75,15 +75,6 @@ def test_broken_templates_fail_clearly_and_leave_the_running_service_as_it_was(a
 COUNT, ROUNDS = 40, 2
 
 
-def many(count: int) -> str:
-    lines = ["tosca_definitions_version: tosca_simple_yaml_1_3", "imports: [khutulun/profile.yaml]",
-             "topology_template:", "  node_templates:"]
-    for i in range(count):
-        lines += [f"    p{i:02d}:", "      type: khutulun.nodes.Process",
-                  "      properties: {command: [sleep, '3600']}"]
-    return "\n".join(lines) + "\n"
-
-
 def test_a_reconcile_pass_during_a_deploy_never_restarts_or_duplicates_anything(tmp_path: Path) -> None:
     """The loop scans the host while deploys spawn processes and destroys stop them: nothing is restarted,
     duplicated or left behind. (The narrow case that once broke this, a child seen between fork and exec, is
@@ -94,7 +85,7 @@ def test_a_reconcile_pass_during_a_deploy_never_restarts_or_duplicates_anything(
     agent.start()
     try:
         template = tmp_path / "many.yaml"
-        template.write_text(many(COUNT))
+        template.write_text(sleepers(COUNT, chained=False))
         for _ in range(ROUNDS):
             agent.cli("deploy", str(template))
             time.sleep(1.0)
