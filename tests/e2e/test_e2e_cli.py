@@ -133,3 +133,20 @@ def test_the_api_answers_a_broken_template_with_its_located_problems(agent: Agen
             assert problem.message.startswith("unknown node type 'khutulun.nodes.Nope'")
 
     asyncio.run(ask())
+
+
+def test_a_profile_registered_in_the_namespace_is_imported_by_name(agent: Agent, tmp_path: Path) -> None:
+    profile = tmp_path / "acme" / "types.yaml"
+    profile.parent.mkdir()
+    profile.write_text("tosca_definitions_version: tosca_simple_yaml_1_3\nimports: [khutulun/profile.yaml]\n"
+                       "node_types:\n  acme.Sleeper:\n    derived_from: khutulun.nodes.Process\n"
+                       "    properties:\n      command: {type: list, entry_schema: {type: string},"
+                       " default: [sleep, '3600']}\n")
+    agent.cli("template", "register", "acme", str(profile))
+    service = tmp_path / "uses-acme.yaml"
+    service.write_text("tosca_definitions_version: tosca_simple_yaml_1_3\nimports: [acme/types.yaml]\n"
+                       "topology_template:\n  node_templates:\n    s: {type: acme.Sleeper}\n")
+    assert "is valid" in agent.cli("validate", str(service)).stdout  # the CLI reads the shared state here
+    agent.cli("deploy", str(service))
+    assert [w.resource for w in agent.workloads()] == ["default/uses-acme/s/0"]
+    agent.cli("destroy", "uses-acme")
