@@ -72,6 +72,8 @@ class Config:
     restart_backoff_max: float = 30.0
     restart_backoff_reset: float = 10.0  # running this long resets a workload's backoff
     step_concurrency: int = 32
+    firewall_zone: str = "public"
+    """The firewalld zone exposed endpoints are opened in."""
     timeouts: Timeouts = field(default_factory=Timeouts)
     source: Path | None = None
     """The configuration file that was read, if any."""

@@ -13,7 +13,8 @@ character other than a letter or digit as ``_``):
 - for each connection to a node's endpoint, ``KHUTULUN_<NAME>_HOST``, ``KHUTULUN_<NAME>_PORT``,
   ``KHUTULUN_<NAME>_ADDRESS`` (``host:port``) of one instance of the target, and ``KHUTULUN_<NAME>_ADDRESSES``
   of all of them, comma-separated (a capability other than ``endpoint`` adds its name: ``<NAME>_<CAP>_PORT``);
-- for each directory it uses, ``KHUTULUN_<NAME>_PATH``.
+- for each directory it uses, ``KHUTULUN_<NAME>_PATH``, and ``KHUTULUN_<NAME>_DIGEST``, a digest of the
+  directory's managed files: when they change, so does the workload's environment, and it is restarted.
 
 The template's own ``environment`` comes last and wins. Values are text; expressions are wrapped in a
 one-part ``concat`` to make them so.
@@ -21,6 +22,7 @@ one-part ``concat`` to make them so.
 
 from __future__ import annotations
 
+import posixpath
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -30,9 +32,30 @@ from khutulun.errors import InvalidInputError
 from khutulun.expressions import Unknown, references
 from khutulun.model import AttributeRef, Concat, Join, Node, NodeKind, RequirementKind, Topology
 from khutulun.resources import ResourceId
-from khutulun.scheduler import Placement
+from khutulun.scheduler import InstancePlacement, Placement
 
-__all__ = ["Attributes", "DesiredResource", "delegate_for", "desired_resources", "env_name"]
+__all__ = ["Attributes", "DesiredResource", "ExposedPort", "Site", "delegate_for", "desired_resources", "env_name"]
+
+
+@dataclass(frozen=True)
+class Site:
+    """What desired resources need to know of where they run."""
+
+    shared_root: str = ""
+    """Where ``shared`` directories go: inside the cluster's shared directory, the same path on every host."""
+    artifacts: Mapping[str, str] = field(default_factory=dict)
+    """An artifact's file, as the template names it within its bundle → the absolute path of its copy in the
+    shared state (every host can read it)."""
+
+
+@dataclass(frozen=True)
+class ExposedPort:
+    capability: str
+    port: int
+    protocol: str
+
+    def __str__(self) -> str:
+        return f"{self.port}/{self.protocol}"
 
 
 @dataclass(frozen=True)
@@ -47,6 +70,14 @@ class DesiredResource:
     """The node's restart policy (always, on-failure, never): the agent's to apply, not the delegate's."""
     attributes: Mapping[str, Any] = field(default_factory=dict)
     """Attributes known from placement alone (endpoint addresses and ports)."""
+    gates: tuple[Mapping[str, Any], ...] = ()
+    """Ready conditions (``khutulun.datatypes.ReadyCondition`` values, with ``what`` naming the gate and
+    ``target`` what to reach: host:port, or a URL), resolved like the spec."""
+    exposed: tuple[ExposedPort, ...] = ()
+    """Ports to open in the host's firewall."""
+    reads: tuple[ResourceId, ...] = ()
+    """The resources whose applied attributes (a path, a digest: not an address or port) flow into the spec:
+    when one of them changes, this one may have to change too."""
 
 
 def env_name(name: str) -> str:
@@ -102,41 +133,123 @@ def _environment(topology: Topology, node: Node, rid: ResourceId) -> dict[str, A
                 for i in range(topology.instance_count(req.target))), ",")
         elif req.kind is RequirementKind.STORAGE or target.kind is NodeKind.DIRECTORY:
             env[f"{prefix}_PATH"] = Concat((AttributeRef(req.target, "path"),))
+            env[f"{prefix}_DIGEST"] = Concat((AttributeRef(req.target, "digest"),))
     given = node.properties.get("environment")
     if isinstance(given, dict):
         env.update(given)
     return env
 
 
-def _spec(topology: Topology, node: Node, rid: ResourceId) -> dict[str, Any]:
+def _artifact(node: Node, site: Site, type_name: str) -> str | None:
+    """The stored copy of the node's first artifact of a type (an image archive, a root filesystem)."""
+    for artifact in node.artifacts.values():
+        if artifact.type == type_name or type_name in artifact.type:
+            return site.artifacts.get(artifact.file)
+    return None
+
+
+def _mounts(topology: Topology, node: Node) -> list[dict[str, Any]]:
+    mounts = []
+    for req in node.requirements:
+        if req.kind is RequirementKind.STORAGE or topology.nodes[req.target].kind is NodeKind.DIRECTORY:
+            location = req.properties.get("location")
+            mounts.append({"source": AttributeRef(req.target, "path"),
+                           "target": location if isinstance(location, str) and location else f"/srv/{req.target}",
+                           "read_only": bool(req.properties.get("read_only"))})
+    return mounts
+
+
+def _ports(node: Node) -> list[dict[str, Any]]:
+    return [{"name": cap.name, "host_address": Concat((AttributeRef(node.name, "address", cap.name),)),
+             "host_port": AttributeRef(node.name, "port", cap.name),
+             "container_port": cap.properties.get("target_port") or AttributeRef(node.name, "port", cap.name),
+             "protocol": str(cap.properties.get("protocol") or "tcp")} for cap in node.endpoints()]
+
+
+def _spec(topology: Topology, node: Node, rid: ResourceId, site: Site) -> dict[str, Any]:
+    """The delegate's spec for one instance: the formats of docs/delegate-specs.md."""
     props = node.properties
+    stop_timeout = float(props.get("stop_timeout") or 10.0)
     if node.kind is NodeKind.PROCESS:
         return {"command": props.get("command"), "environment": _environment(topology, node, rid),
-                "working_directory": props.get("working_directory"),
-                "stop_timeout": float(props.get("stop_timeout") or 10.0)}
+                "working_directory": props.get("working_directory"), "stop_timeout": stop_timeout}
     if node.kind is NodeKind.DIRECTORY:
-        return {"path": props.get("path"), "temporary": bool(props.get("temporary")),
-                "files": dict(props.get("files") or {})}
+        path = props.get("path")
+        if not path and props.get("shared") and site.shared_root:
+            path = posixpath.join(site.shared_root, rid.namespace, rid.service, rid.filename)
+        copies = {a.deploy_path or posixpath.basename(a.file): site.artifacts[a.file]
+                  for a in node.artifacts.values() if "khutulun.artifacts.Template" not in a.type
+                  and a.file in site.artifacts}
+        return {"path": path, "temporary": bool(props.get("temporary")), "files": dict(props.get("files") or {}),
+                "copies": copies}
+    if node.kind is NodeKind.CONTAINER:
+        return {"image": props.get("image"), "image_archive": _artifact(node, site, "khutulun.artifacts.ImageArchive"),
+                "rootfs_archive": _artifact(node, site, "khutulun.artifacts.RootFilesystem"),
+                "command": props.get("command"), "environment": _environment(topology, node, rid),
+                "ports": _ports(node), "mounts": _mounts(topology, node), "cpus": props.get("cpus"),
+                "memory": props.get("memory"), "stop_timeout": stop_timeout}
+    if node.kind is NodeKind.SYSTEM_CONTAINER:
+        return {"root": props.get("root"), "rootfs_archive": _artifact(node, site, "khutulun.artifacts.RootFilesystem"),
+                "command": props.get("command"), "boot": bool(props.get("boot")),
+                "environment": _environment(topology, node, rid), "mounts": _mounts(topology, node),
+                "stop_timeout": stop_timeout}
     # Kinds realized by later delegates get their properties and the environment as they are.
     return {**props, "environment": _environment(topology, node, rid),
-            "artifacts": {a.name: {"type": a.type, "file": a.file} for a in node.artifacts.values()}}
+            "artifacts": {a.name: {"type": a.type, "file": site.artifacts.get(a.file, a.file)}
+                          for a in node.artifacts.values()}}
+
+
+def _gates(node: Node, instance: InstancePlacement) -> tuple[dict[str, Any], ...]:
+    """The node's ready conditions, each with what it reaches: its endpoint's host:port, or a URL."""
+    gates = []
+    endpoints = node.endpoints()
+    conditions = [(node.name, node.properties.get("ready"), endpoints[0] if endpoints else None)]
+    conditions += [(f"{node.name}.{cap.name}", cap.properties.get("ready"), cap) for cap in endpoints]
+    for what, condition, cap in conditions:
+        if not isinstance(condition, dict):
+            continue
+        kind = next(k for k in ("tcp", "http", "command") if condition.get(k))
+        target: Any = ""
+        if cap is not None and kind != "command":
+            host_port = Concat((instance.address, ":", AttributeRef(node.name, "port", cap.name)))
+            http = str(condition.get("http") or "")
+            target = http if http.startswith(("http:", "https:")) else (
+                Concat(("http://", host_port, "/" + http.lstrip("/"))) if kind == "http" else host_port)
+        elif kind == "http":
+            target = str(condition["http"])
+        gates.append({**condition, "kind": kind, "what": what, "target": target})
+    return tuple(gates)
 
 
 def desired_resources(namespace: str, service: str, topology: Topology, placement: Placement,
-                      choose_delegate: Callable[[Node], str] = delegate_for) -> list[DesiredResource]:
+                      choose_delegate: Callable[[Node], str] = delegate_for, site: Site | None = None
+                      ) -> list[DesiredResource]:
+    site = site or Site()
     out: list[DesiredResource] = []
     for node in topology.nodes.values():
-        uses = {r.target for r in node.requirements} | {ref.node for ref in _refs(node) if ref.node != node.name}
+        spec_refs = references(_spec(topology, node, ResourceId(namespace, service, node.name, 0), site))
+        # What must be applied first: what it requires, and what it refers to that only an apply reports (a
+        # path, a pid); an endpoint's address and port are known from placement and order nothing.
+        applied = {ref.node for ref in [*_refs(node), *spec_refs]
+                   if ref.node != node.name and ref.node in topology.nodes and not topology.nodes[ref.node].placed(ref)}
+        uses = {r.target for r in node.requirements} | applied
         for instance in placement.of_node(node.name):
             rid = ResourceId(namespace, service, node.name, instance.index)
-            depends_on = tuple(ResourceId(namespace, service, target, _target_index(topology, target, instance.index))
-                               for target in sorted(uses))
+
+            def instance_of(target: str, index: int = instance.index) -> ResourceId:
+                return ResourceId(namespace, service, target, _target_index(topology, target, index))
+
             attributes: dict[str, Any] = {"address": instance.address, "host": instance.host}
             for cap in node.endpoints():
-                attributes[cap.name] = {"address": instance.address, "port": instance.ports.get(cap.name, 0),
-                                        "protocol": cap.properties.get("protocol", "tcp")}
-            out.append(DesiredResource(rid, choose_delegate(node), instance.host, _spec(topology, node, rid),
-                                       depends_on, str(node.properties.get("restart") or "always"), attributes))
+                attributes[cap.name] = {"address": instance.address, "protocol": cap.properties.get("protocol", "tcp")}
+                if cap.name in instance.ports:  # unknown until reserved: a preview leaves it out
+                    attributes[cap.name]["port"] = instance.ports[cap.name]
+            exposed = tuple(ExposedPort(cap.name, instance.ports[cap.name], str(cap.properties.get("protocol", "tcp")))
+                            for cap in node.endpoints() if cap.properties.get("expose") and cap.name in instance.ports)
+            out.append(DesiredResource(
+                rid, choose_delegate(node), instance.host, _spec(topology, node, rid, site),
+                tuple(instance_of(t) for t in sorted(uses)), str(node.properties.get("restart") or "always"),
+                attributes, _gates(node, instance), exposed, tuple(instance_of(t) for t in sorted(applied))))
     return out
 
 

@@ -117,6 +117,8 @@ PROFILE_TYPES: Mapping[str, NodeKind] = {
 """The profile's node types, and the kind of every type derived from them."""
 
 ENDPOINT_CAPABILITY = "khutulun.capabilities.Endpoint"
+PLACED_ATTRIBUTES = ("address", "port")
+"""An endpoint's attributes that placement decides."""
 STORAGE_CAPABILITY = "khutulun.capabilities.Storage"
 
 
@@ -177,6 +179,12 @@ class Node:
 
     def endpoints(self) -> list[Capability]:
         return [c for c in self.capabilities.values() if c.is_endpoint]
+
+    def placed(self, ref: AttributeRef) -> bool:
+        """Whether placement alone answers ``ref`` (an endpoint's address or port), so that nothing needs to be
+        applied before it is known, and referring to it orders nothing."""
+        capability = self.capabilities.get(ref.capability) if ref.capability else None
+        return capability is not None and capability.is_endpoint and ref.attribute in PLACED_ATTRIBUTES
 
 
 @dataclass(frozen=True)

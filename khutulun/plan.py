@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from khutulun.instances import DesiredResource
@@ -46,7 +46,8 @@ class Step:
     changes: tuple[str, ...] = ()
     """The spec fields that differ from what was applied (dotted paths)."""
     spec_hash: str | None = None
-    """The hash of the desired spec; None for a delete, or when it is only known after other steps."""
+    """The hash of the desired spec; None for a delete, or when it is only known after other steps (such an
+    update is made only if the spec then differs from what runs)."""
 
     @property
     def key(self) -> str:
@@ -110,6 +111,71 @@ def _stopped_by_policy(desired: DesiredResource, prior: ResourceRecord | None, l
     return None
 
 
+def _deletes(desired: Mapping[ResourceId, DesiredResource], prior: Mapping[ResourceId, ResourceRecord],
+             also_delete: Iterable[tuple[ResourceId, str, str]], destroying: bool) -> list[Step]:
+    """A delete for what was applied and is no longer wanted (or wanted elsewhere), dependents first."""
+    deletes: list[Step] = []
+    for rid, old in sorted(prior.items()):
+        wanted = desired.get(rid)
+        if wanted is None:
+            deletes.append(Step(rid, old.host, old.delegate, Action.DELETE,
+                                "the service is destroyed" if destroying else "no longer in the template"))
+        elif wanted.host != old.host:
+            deletes.append(Step(rid, old.host, old.delegate, Action.DELETE, f"moves to {wanted.host}"))
+    for rid, host, delegate in also_delete:
+        if rid not in desired and rid not in prior:
+            deletes.append(Step(rid, host, delegate, Action.DELETE, "found running without a record"))
+    keys = {s.id: s.key for s in deletes}
+    return [replace(step, after=tuple(sorted(keys[r.id] for r in prior.values()
+                                             if r.id in keys and step.id in r.depends_on)))
+            for step in deletes]
+
+
+def _step(d: DesiredResource, record: ResourceRecord | None, found: Live | None,
+          resolved: tuple[Mapping[str, Any] | None, str | None]) -> Step:
+    """The step one desired resource needs, from its prior record and what runs."""
+    spec, digest = resolved
+    same_host = record is not None and record.host == d.host
+    changes = tuple(diff_fields(record.spec, spec)) if record is not None and spec is not None else ()
+    if found is None or not found.healthy:
+        policy = _stopped_by_policy(d, record, found) if same_host else None
+        if policy and record is not None and digest == record.spec_hash:
+            action, reason = Action.KEEP, policy
+        elif record is None or not same_host:
+            action, reason = Action.CREATE, "new" if record is None else f"moved from {record.host}"
+        else:
+            state = found.message if found is not None and found.message else (
+                "stopped" if found is not None and found.state is LiveState.STOPPED else "not running")
+            action, reason = Action.CREATE, f"{state}; applied before"
+    else:
+        applied = found.spec_hash or (record.spec_hash if record is not None else None)
+        if digest is None:
+            action, reason = Action.UPDATE, "depends on values known only after other steps"
+        elif applied != digest:
+            action = Action.UPDATE
+            reason = "changed: " + ", ".join(changes) if changes else "runs from a different spec"
+        else:
+            action, reason = Action.KEEP, "runs as desired"
+    return Step(d.id, d.host, d.delegate, action, reason, changes=changes, spec_hash=digest)
+
+
+def _spread(desired: Sequence[DesiredResource], planned: dict[ResourceId, Step]) -> None:
+    """What reads the applied attributes of something that changes (a directory's digest, say) may change with
+    it: it is updated after it, and left alone then if its spec comes out the same (spec_hash None)."""
+    changing = {rid for rid, step in planned.items() if step.action is not Action.KEEP}
+    spreading = True
+    while spreading:
+        spreading = False
+        for d in desired:
+            step = planned[d.id]
+            source = next((r for r in d.reads if r in changing), None)
+            if step.action is Action.KEEP and source is not None:
+                planned[d.id] = replace(step, action=Action.UPDATE, spec_hash=None,
+                                        reason=f"uses {source.instance}, which changes (kept if it comes out the same)")
+                changing.add(d.id)
+                spreading = True
+
+
 def make_plan(namespace: str, service: str, revision: int, desired: Sequence[DesiredResource],
               prior: Mapping[ResourceId, ResourceRecord], live: Mapping[ResourceId, Live | None],
               resolve: Callable[[DesiredResource], tuple[Mapping[str, Any] | None, str | None]],
@@ -117,63 +183,19 @@ def make_plan(namespace: str, service: str, revision: int, desired: Sequence[Des
     """``resolve`` gives a desired resource's spec and hash, or (None, None) when they depend on values
     only known after other steps. ``also_delete`` names resources found live with no record (orphans of a
     crash): (id, host, delegate). ``destroying`` says why everything goes."""
-    steps: dict[str, Step] = {}
-
-    deletes: list[Step] = []
     by_id = {d.id: d for d in desired}
-    for rid, old in sorted(prior.items()):
-        wanted = by_id.get(rid)
-        if wanted is None:
-            deletes.append(Step(rid, old.host, old.delegate, Action.DELETE,
-                                "the service is destroyed" if destroying else "no longer in the template"))
-        elif wanted.host != old.host:
-            deletes.append(Step(rid, old.host, old.delegate, Action.DELETE, f"moves to {wanted.host}"))
-    for rid, host, delegate in also_delete:
-        if rid not in by_id and rid not in prior:
-            deletes.append(Step(rid, host, delegate, Action.DELETE, "found running without a record"))
-    delete_keys = {s.id: s.key for s in deletes}
-    for step in deletes:
-        dependents = [delete_keys[r.id] for r in prior.values() if r.id in delete_keys and step.id in r.depends_on]
-        steps[step.key] = Step(step.id, step.host, step.delegate, step.action, step.reason,
-                               after=tuple(sorted(dependents)))
-
-    planned: dict[ResourceId, Step] = {}
-    for d in desired:
-        record = prior.get(d.id)
-        found = live.get(d.id)
-        spec, digest = resolve(d)
-        same_host = record is not None and record.host == d.host
-        changes = tuple(diff_fields(record.spec, spec)) if record is not None and spec is not None else ()
-        if found is None or not found.healthy:
-            policy = _stopped_by_policy(d, record, found) if same_host else None
-            if policy and record is not None and digest == record.spec_hash:
-                action, reason = Action.KEEP, policy
-            elif record is None or not same_host:
-                action, reason = Action.CREATE, "new" if record is None else f"moved from {record.host}"
-            else:
-                state = found.message if found is not None and found.message else (
-                    "stopped" if found is not None and found.state is LiveState.STOPPED else "not running")
-                action, reason = Action.CREATE, f"{state}; applied before"
-        else:
-            applied = found.spec_hash or (record.spec_hash if record is not None else None)
-            if digest is None:
-                action, reason = Action.UPDATE, "depends on values known only after other steps"
-            elif applied != digest:
-                action = Action.UPDATE
-                reason = "changed: " + ", ".join(changes) if changes else "runs from a different spec"
-            else:
-                action, reason = Action.KEEP, "runs as desired"
-        planned[d.id] = Step(d.id, d.host, d.delegate, action, reason, changes=changes, spec_hash=digest)
-
-    all_deletes = tuple(sorted(delete_keys.values()))
+    deletes = _deletes(by_id, prior, also_delete, destroying)
+    planned = {d.id: _step(d, prior.get(d.id), live.get(d.id), resolve(d)) for d in desired}
+    _spread(desired, planned)
+    # Deletes go first (a port or a name may pass from the old to the new); then each create or update after
+    # the changing steps of what it depends on.
+    all_deletes = tuple(sorted(s.key for s in deletes))
+    steps: dict[str, Step] = {s.key: s for s in deletes}
     for d in desired:
         step = planned[d.id]
-        if step.action is Action.KEEP:
-            steps[step.key] = step
-            continue
-        needs = [planned[dep].key for dep in d.depends_on
-                 if dep in planned and planned[dep].action is not Action.KEEP]
-        steps[step.key] = Step(step.id, step.host, step.delegate, step.action, step.reason,
-                               after=tuple(sorted(set(needs))) + all_deletes, changes=step.changes,
-                               spec_hash=step.spec_hash)
+        if step.action is not Action.KEEP:
+            needs = sorted({planned[dep].key for dep in d.depends_on
+                            if dep in planned and planned[dep].action is not Action.KEEP})
+            step = replace(step, after=(*needs, *all_deletes))
+        steps[step.key] = step
     return Plan(namespace, service, revision, tuple(steps.values()))

@@ -99,10 +99,9 @@ def _bundle(data: dict[str, Any]) -> Bundle | None:
     raw = data.get("bundle")
     if raw is None:
         return None
-    if not isinstance(raw, dict) or not isinstance(raw.get("files"), dict):
-        raise InvalidInputError("bundle must be an object with main and files")
-    return Bundle(main=str(raw.get("main", "")), files={str(k): str(v) for k, v in raw["files"].items()},
-                  root=str(raw.get("root", "")))
+    if not isinstance(raw, dict):
+        raise InvalidInputError("bundle must be an object with main, files and blobs")
+    return Bundle.from_wire(raw)
 
 
 def _names(request: web.Request) -> tuple[str, str]:
@@ -338,7 +337,7 @@ async def fetch_template(request: web.Request) -> web.Response:
     namespace = check_name("namespace", request.match_info["namespace"])
     ops = request.app[OPERATIONS]
     record, bundle = await ops.ctx.io(ops.ctx.store.template, namespace, request.match_info["name"])
-    return web.json_response({"template": codec.dump(record), "bundle": {"main": bundle.main, "files": bundle.files}})
+    return web.json_response({"template": codec.dump(record), "bundle": bundle.to_wire()})
 
 
 async def delist_template(request: web.Request) -> web.Response:

@@ -25,6 +25,11 @@ class AgentContext:
     host: str
     delegates: dict[str, Delegate] = field(default_factory=dict)
 
+    @property
+    def shared_root(self) -> str:
+        """Where ``shared`` directories go: inside the shared state directory, the same path on every host."""
+        return str(self.store.root / "volumes")
+
     def delegate(self, name: str) -> Delegate:
         found = self.delegates.get(name)
         if found is None:

@@ -11,15 +11,19 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import aiohttp
+
 from khutulun.agent.context import AgentContext
+from khutulun.agent.firewall import Firewall
+from khutulun.agent.ready import Gate, GateError, RunCommand, check_once, wait_ready
 from khutulun.agent.runner import Outcome, StepResult, run_steps
 from khutulun.errors import BusyError, DelegateError, KhutulunError
 from khutulun.expressions import Unknown, resolve
-from khutulun.instances import Attributes, DesiredResource, desired_resources
+from khutulun.instances import Attributes, DesiredResource, Site, desired_resources
 from khutulun.plan import Action, Plan, Step, make_plan
 from khutulun.resources import Live, LiveState, Resource, ResourceId, spec_hash
 from khutulun.state import Event, ResourceRecord, ServiceRecord, ServiceStatus
@@ -49,6 +53,8 @@ class Situation:
     """(id, delegate, live) of what runs here with this service's markers and no record."""
     known: dict[ResourceId, dict[str, Any]] = field(default_factory=dict)
     """Attributes by resource: placement's, then what delegates reported. Change it with :meth:`learn`."""
+    ready: set[ResourceId] = field(default_factory=set)
+    """Resources whose ready conditions passed during this convergence."""
     _resolved: dict[ResourceId, tuple[dict[str, Any] | None, str | None]] = field(default_factory=dict)
 
     def learn(self, rid: ResourceId, attributes: dict[str, Any] | None) -> None:
@@ -106,6 +112,7 @@ class Converger:
         self.ctx = ctx
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
         self._writes: dict[tuple[str, str], asyncio.Lock] = {}
+        self.firewall = Firewall(ctx.config.firewall_zone)
 
     def lock(self, namespace: str, service: str) -> asyncio.Lock:
         return self._locks.setdefault((namespace, service), asyncio.Lock())
@@ -156,7 +163,9 @@ class Converger:
         host = self.ctx.host
         wanted: list[DesiredResource] = []
         if record is not None and record.status is not ServiceStatus.DESTROYING:
-            wanted = desired_resources(namespace, service, record.topology, record.placement)
+            site = Site(self.ctx.shared_root, {name: str(self.ctx.store.artifact_path(namespace, service, digest))
+                                               for name, digest in record.artifacts.items()})
+            wanted = desired_resources(namespace, service, record.topology, record.placement, site=site)
         known: dict[ResourceId, dict[str, Any]] = {}
         for d in wanted:
             known[d.id] = dict(d.attributes)
@@ -221,9 +230,9 @@ class Converger:
 
             await self.ctx.io(call)
 
-    def _event(self, situation: Situation, kind: str, message: str, step: Step) -> tuple[Callable[..., Any],
-                                                                                          tuple[Any, ...]]:
-        event = Event(time=time.time(), kind=kind, message=message, resource=str(step.id), host=self.ctx.host,
+    def _event(self, situation: Situation, kind: str, message: str, rid: ResourceId) -> tuple[Callable[..., Any],
+                                                                                              tuple[Any, ...]]:
+        event = Event(time=time.time(), kind=kind, message=message, resource=str(rid), host=self.ctx.host,
                       revision=situation.revision)
         return self._append_event, (situation.namespace, situation.service, event)
 
@@ -234,7 +243,12 @@ class Converger:
             log.exception("cannot record an event for %s/%s", namespace, service)
 
     async def run(self, situation: Situation, plan: Plan, *, purge: bool = False,
-                  listener: Listener | None = None) -> Convergence:
+                  listener: Listener | None = None, gates: bool = True) -> Convergence:
+        """Run the plan's steps. A step's ready conditions are waited for when ``gates`` (a deploy), and
+        otherwise only when another step of the plan waits on it (the reconcile loop restarting one workload
+        does not wait on it; creating what requires it does)."""
+        waited_on = {key for step in plan.steps for key in step.after}
+
         def started(step: Step) -> None:
             if listener:
                 listener(step_event("step-started", step))
@@ -246,13 +260,13 @@ class Converger:
         async def execute(step: Step) -> str:
             if step.action is Action.DELETE:
                 return await self._delete(situation, step, purge=purge)
-            return await self._apply(situation, step)
+            return await self._apply(situation, step, gates=gates or step.key in waited_on)
 
         results = await run_steps(plan.steps, execute, concurrency=self.ctx.config.step_concurrency,
                                   on_start=started, on_result=finished)
         return Convergence(plan, results)
 
-    async def _apply(self, situation: Situation, step: Step) -> str:
+    async def _apply(self, situation: Situation, step: Step, *, gates: bool) -> str:
         wanted = situation.desired[step.id]
         prior = situation.prior.get(step.id)
         spec, digest = situation.resolve(wanted)
@@ -261,25 +275,87 @@ class Converger:
                                 "depends on did not report it")
         delegate = self.ctx.delegate(wanted.delegate)
         resource = Resource(step.id, wanted.delegate, self.ctx.host, spec, digest, prior.handle if prior else {})
+        before = situation.live.get(step.id)  # what the situation saw moments ago: this converge is ours alone
+        if step.action is Action.UPDATE and before is not None and before.healthy and before.spec_hash == digest:
+            return "unchanged: what it uses came out the same"  # an update that waited to see (plan._spread)
+        await self._dependencies_ready(situation, wanted, wait=gates)
         restart = prior is not None and prior.spec_hash == digest
         try:
-            # What the situation saw moments ago: this host's converge of the service is ours alone.
-            live = await delegate.apply(resource, situation.live.get(step.id))
+            live = await delegate.apply(resource, before)
         except DelegateError as e:
             failed = self._record(situation, wanted, spec, digest, Live(LiveState.FAILED, None, message=e.message),
                                   prior)
             await self._write(situation, (self.ctx.store.write_resource, (failed,)),
-                              self._event(situation, "fail", f"{step.action.value} failed: {e.message}", step))
+                              self._event(situation, "fail", f"{step.action.value} failed: {e.message}", step.id))
             situation.prior[wanted.id] = failed
             raise
-        record = self._record(situation, wanted, spec, digest, live, prior, restarted=restart)
+        exposed = [str(p) for p in wanted.exposed]
+        said = [await self.firewall.open(exposed)] if exposed else []
+        record = replace(self._record(situation, wanted, spec, digest, live, prior, restarted=restart),
+                         exposed=tuple(exposed) if said and said[0].startswith("exposed") else ())
         kind = "restart" if restart else step.action.value
         await self._write(situation, (self.ctx.store.write_resource, (record,)),
-                          self._event(situation, kind, f"{kind}: {step.reason}", step))
+                          self._event(situation, kind, "; ".join([f"{kind}: {step.reason}", *said]), step.id))
         situation.prior[wanted.id] = record
         situation.live[wanted.id] = live
         situation.learn(step.id, dict(record.attributes))
-        return "restarted" if restart else f"{step.action.value}d"
+        if gates:
+            said += await self._wait_ready(situation, wanted, resource, record)
+        return "; ".join(["restarted" if restart else f"{step.action.value}d", *said])
+
+    async def _wait_ready(self, situation: Situation, wanted: DesiredResource, resource: Resource,
+                          record: ResourceRecord) -> list[str]:
+        """Wait for the resource's ready conditions; a gate that does not open fails the step (and so skips
+        what requires it), and is noted on the resource's record."""
+        attributes = situation.attributes()
+        lookup = attributes.lookup_for(wanted.id.index) if attributes else None
+        run_command = self._command_runner(wanted, resource)
+        said = []
+        for condition in wanted.gates:
+            gate = Gate.from_condition(resolve(dict(condition), lookup) if lookup else condition)
+            try:
+                said.append(await wait_ready(gate, run_command))
+            except GateError as e:
+                await self._write(situation, (self.ctx.store.write_resource, (replace(record, message=e.message),)),
+                                  self._event(situation, "fail", e.message, wanted.id))
+                raise
+        situation.ready.add(wanted.id)
+        return said
+
+    def _command_runner(self, wanted: DesiredResource, resource: Resource) -> RunCommand:
+        """Runs a ready condition's command next to the resource, as ``exec`` does."""
+        delegate = self.ctx.delegate(wanted.delegate)
+
+        async def run_command(argv: Sequence[str]) -> tuple[int, str]:
+            session = await delegate.exec(resource, argv)
+            chunks = [data async for _, data in session.output()]
+            return await session.wait(), b"".join(chunks).decode(errors="replace")
+
+        return run_command
+
+    async def _dependencies_ready(self, situation: Situation, wanted: DesiredResource, *, wait: bool) -> None:
+        """What ``wanted`` requires must be ready before it starts, also when it runs already and changes
+        nothing in this convergence: a deploy waits for its gates, the reconcile loop checks them once (and
+        tries again on its next pass)."""
+        for dep_id in wanted.depends_on:
+            dep = situation.desired.get(dep_id)
+            record = situation.prior.get(dep_id)
+            if dep is None or not dep.gates or dep_id in situation.ready or record is None:
+                continue
+            resource = Resource(dep_id, dep.delegate, self.ctx.host, record.spec, record.spec_hash, record.handle)
+            if wait:
+                await self._wait_ready(situation, dep, resource, record)
+                continue
+            attributes = situation.attributes()
+            lookup = attributes.lookup_for(dep_id.index) if attributes else None
+            async with aiohttp.ClientSession() as session:
+                for condition in dep.gates:
+                    gate = Gate.from_condition(resolve(dict(condition), lookup) if lookup else condition)
+                    passed, said = await check_once(gate, self._command_runner(dep, resource), session)
+                    if not passed:
+                        raise GateError(f"waits for {gate.what} to be ready ({gate.describe()}; the last answer: "
+                                        f"{said})")
+            situation.ready.add(dep_id)
 
     def _record(self, situation: Situation, wanted: DesiredResource, spec: dict[str, Any], digest: str, live: Live,
                 prior: ResourceRecord | None, *, restarted: bool = False) -> ResourceRecord:
@@ -305,15 +381,17 @@ class Converger:
             return "already gone"
         try:
             await self.ctx.delegate(resource.delegate).delete(resource, live, purge=purge)
+            closed = await self.firewall.close(prior.exposed) if prior is not None and prior.exposed else ""
         except DelegateError as e:
-            writes = [self._event(situation, "fail", f"delete failed: {e.message}", step)]
+            writes = [self._event(situation, "fail", f"delete failed: {e.message}", step.id)]
             if prior is not None:
                 kept = replace(prior, message=f"delete failed: {e.message}", updated_at=time.time())
                 writes.insert(0, (self.ctx.store.write_resource, (kept,)))
             await self._write(situation, *writes)
             raise
+        said = "; ".join(filter(None, [f"deleted: {step.reason}", closed]))
         await self._write(situation, (self.ctx.store.remove_resource, (step.id,)),
-                          self._event(situation, "delete", f"deleted: {step.reason}", step))
+                          self._event(situation, "delete", said, step.id))
         await self.ctx.io(self.ctx.store.release_ports, self.ctx.host, [str(step.id)])
         situation.prior.pop(step.id, None)
         situation.live.pop(step.id, None)

@@ -134,7 +134,8 @@ class Operations:
         placement = await self.ctx.io(self._place, namespace, service, topology,
                                       current.placement if current else None, reserve=False)
         hypothetical = ServiceRecord(namespace=namespace, name=service, revision=current.revision if current else 0,
-                                     status=ServiceStatus.DEPLOYING, topology=topology, placement=placement)
+                                     status=ServiceStatus.DEPLOYING, topology=topology, placement=placement,
+                                     artifacts=store.artifact_digests(bundle.blobs))
         situation = await self.converger.situation(namespace, service, hypothetical, snapshot.resources)
         return self.converger.plan(situation), placement
 
@@ -169,11 +170,12 @@ class Operations:
                                       "the plan is stale; preview again")
             placement = self._place(namespace, service, topology, current.placement if current else None,
                                     reserve=True)
+            artifacts = store.put_artifacts(namespace, service, bundle.blobs)
             now = time.time()
             record = ServiceRecord(
                 namespace=namespace, name=service, revision=revision + 1, status=ServiceStatus.DEPLOYING,
                 topology=topology, placement=placement, inputs=dict(inputs), template_main=bundle.main,
-                template_digest=bundle.digest, template_name=template,
+                template_digest=bundle.digest, template_name=template, artifacts=artifacts,
                 created_at=current.created_at if current else now, updated_at=now)
             store.write_service(record)
             store.append_event(namespace, service, Event(now, "deploy", f"revision {record.revision}: "
@@ -302,7 +304,7 @@ class Operations:
 def evaluate_outputs(namespace: str, service: str, record: ServiceRecord,
                      resources: Mapping[ResourceId, ResourceRecord]) -> dict[str, Any]:
     known = {d.id: {**d.attributes, **(resources[d.id].attributes if d.id in resources else {})}
-             for d in desired_resources(namespace, service, record.topology, record.placement)}
+             for d in desired_resources(namespace, service, record.topology, record.placement)}  # attributes only
     lookup = Attributes(namespace, service, record.topology, known).lookup_for(0)
     out: dict[str, Any] = {}
     for name, output in record.topology.outputs.items():

@@ -91,7 +91,7 @@ class Reconciler:
             plan = self._with_backoff(situation, self.converger.plan(situation))
             self._forget_stable(situation)
             if plan.changes:
-                convergence = await self.converger.run(situation, plan)
+                convergence = await self.converger.run(situation, plan, gates=False)
                 now = time.time()
                 for result in convergence.results:
                     if self._is_restart(situation, result.step):

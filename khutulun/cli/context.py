@@ -23,8 +23,8 @@ class CliState:
     config: Config
     output: str = "table"
     namespace: str = "default"
-    out: Console = field(default_factory=lambda: Console(highlight=False, soft_wrap=True))
-    err: Console = field(default_factory=lambda: Console(stderr=True, highlight=False, soft_wrap=True))
+    out: Console = field(default_factory=lambda: _console(stderr=False))
+    err: Console = field(default_factory=lambda: _console(stderr=True))
 
     @property
     def machine(self) -> bool:
@@ -47,6 +47,14 @@ class CliState:
                 return await work(client)
 
         return run(go())
+
+
+def _console(*, stderr: bool) -> Console:
+    # Into a pipe or a file, nothing is cut to fit a terminal that is not there: scripts grep whole values.
+    console = Console(stderr=stderr, highlight=False, soft_wrap=True)
+    if not console.is_terminal:
+        console = Console(stderr=stderr, highlight=False, soft_wrap=True, width=1000)
+    return console
 
 
 pass_state = click.make_pass_decorator(CliState)

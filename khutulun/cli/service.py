@@ -62,7 +62,7 @@ def _request_body(template: Path | None, registered: str | None, inputs: dict[st
     body: dict[str, Any] = {"inputs": inputs}
     if template is not None:
         bundle: Bundle = collect_bundle(template)
-        body["bundle"] = {"main": bundle.main, "files": dict(bundle.files), "root": bundle.root}
+        body["bundle"] = bundle.to_wire()
     else:
         body["template"] = registered
     return body
@@ -170,6 +170,11 @@ async def _follow(state: CliState, client: Client, method: str, path: str, body:
             outcome = kind.removeprefix("step-")
             verb = _VERBS.get(event["action"], event["action"]) if outcome == "done" else event["action"]
             detail = event.get("message") if outcome != "done" else event.get("reason")
+            if outcome == "done":  # what the step adds to its reason: a gate that opened, a port exposed
+                said = str(event.get("message") or "").split("; ", 1)
+                detail = "; ".join(filter(None, [str(detail or ""), said[1] if len(said) > 1 else ""]))
+                if said[0].startswith("unchanged"):
+                    verb = "kept"
             state.out.print(f"  {_ICONS[outcome]} {verb:<8} {escape(event['instance']):<24} "
                             f"{escape(event['host'])}  [dim]{escape(str(detail or ''))}[/dim]")
     return last

@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 from rich.markup import escape
 
+from khutulun.bundle import Bundle
 from khutulun.cli.context import CliState, pass_state
 from khutulun.cli.render import ago, emit, table
 from khutulun.errors import InvalidInputError
@@ -31,8 +32,7 @@ def register(state: CliState, name: str, file: Path, description: str, no_valida
     """Register FILE, and the files it imports, as template NAME."""
     check_name("template", name)
     bundle = collect_bundle(file)
-    body = {"bundle": {"main": bundle.main, "files": dict(bundle.files), "root": bundle.root},
-            "description": description, "validate": not no_validate}
+    body = {"bundle": bundle.to_wire(), "description": description, "validate": not no_validate}
     data = state.with_client(lambda c: c.request("PUT", f"/v1/namespaces/{state.namespace}/templates/{name}", body))
     emit(state, data["template"], lambda: state.out.print(
         f"registered [bold]{escape(name)}[/bold] ({len(bundle.files)} files)"))
@@ -55,13 +55,15 @@ def fetch(state: CliState, name: str, output_dir: Path | None) -> None:
     """Write the files of a registered template into a directory."""
     data = state.with_client(lambda c: c.get(f"/v1/namespaces/{state.namespace}/templates/{name}"))
     target = output_dir or Path(name)
+    bundle = Bundle.from_wire(data["bundle"])
     written = []
-    for rel, text in data["bundle"]["files"].items():
+    contents = {**{rel: text.encode() for rel, text in bundle.files.items()}, **bundle.blobs}
+    for rel, content in contents.items():
         path = (target / rel).resolve()
         if not path.is_relative_to(target.resolve()):
             raise InvalidInputError(f"the template has a file outside its directory: {rel!r}")
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
+        path.write_bytes(content)
         written.append(str(target / rel))
     emit(state, {"template": name, "files": written}, lambda: state.out.print(
         f"wrote {len(written)} files to {escape(str(target))}/ (main: {escape(data['bundle']['main'])})"))

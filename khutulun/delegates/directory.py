@@ -2,12 +2,15 @@
 
 A spec, as the agent builds it::
 
-    {"path": "/srv/www" | null, "temporary": false, "files": {"conf/site.conf": "listen 8080\\n"}}
+    {"path": "/srv/www" | null, "temporary": false, "files": {"conf/site.conf": "listen 8080\\n"},
+     "copies": {"data/seed.db": "/srv/khutulun/.../artifacts/3f2a..."}}
 
-Without a path the directory is ``<data_dir>/directories/<ns>/<svc>/<node>.<index>``. ``files`` are written into it
-(atomically, and only when their content differs). Deleting removes the directory only when it is
-``temporary`` or the delete is a purge: a persistent directory holds data, which outlives its service unless
-the user says otherwise.
+Without a path the directory is ``<data_dir>/directories/<ns>/<svc>/<node>.<index>``. ``files`` (text) are
+written into it and ``copies`` (artifact files, by absolute path) copied into it, atomically, and only when
+their content differs. The ``digest`` attribute changes whenever what the spec puts in the directory does: it
+is how the workloads attached to the directory learn that they must restart. Deleting removes the directory
+only when it is ``temporary`` or the delete is a purge: a persistent directory holds data, which outlives its
+service unless the user says otherwise.
 
 The directory may be the user's own, so the marker does not go into it: it is a sidecar file,
 ``<data_dir>/markers/<ns>/<svc>/<node>.<index>.json``, holding the id, the path, the spec hash, the host,
@@ -35,7 +38,7 @@ from khutulun.resources import Live, LiveState, Resource, ResourceId
 
 __all__ = ["DirectoryDelegate", "DirectorySpec", "Sidecar"]
 
-_SPEC_KEYS = frozenset({"path", "temporary", "files"})
+_SPEC_KEYS = frozenset({"path", "temporary", "files", "copies"})
 
 
 @dataclass(frozen=True)
@@ -45,6 +48,8 @@ class DirectorySpec:
     temporary: bool
     files: Mapping[str, str]
     """Relative path inside the directory → text content (written as UTF-8)."""
+    copies: Mapping[str, str]
+    """Relative path inside the directory → absolute path of a file to copy there."""
 
     @classmethod
     def parse(cls, resource: Resource) -> DirectorySpec:
@@ -69,9 +74,18 @@ class DirectorySpec:
                 problems.append(f"'files' entry {name!r} must be text, not {content!r}")
             if (reason := _bad_file_name(name)) is not None:
                 problems.append(f"'files' entry {name!r} {reason}")
+        copies = spec.get("copies") or {}
+        if not isinstance(copies, Mapping):
+            problems.append(f"'copies' must map relative paths to absolute paths, not {copies!r}")
+            copies = {}
+        for name, source in copies.items():
+            if not (isinstance(source, str) and Path(source).is_absolute()):
+                problems.append(f"'copies' entry {name!r} must name an absolute path, not {source!r}")
+            if (reason := _bad_file_name(name)) is not None or name in files:
+                problems.append(f"'copies' entry {name!r} {reason or 'is also in files'}")
         if problems:
             raise DelegateError(f"the directory spec of {resource.id} is not valid: " + "; ".join(problems))
-        return cls(path, temporary, dict(files))
+        return cls(path, temporary, dict(files), dict(copies))
 
 
 def _bad_file_name(name: Any) -> str | None:
@@ -117,10 +131,12 @@ class Sidecar:
         return json.dumps({**asdict(self), "files": list(self.files)}, indent=2, sort_keys=True) + "\n"
 
     def live(self) -> Live:
+        # The spec hash covers the files' text and the copies' sources (content-addressed): it is the digest.
+        attributes = {"path": self.path, "digest": self.spec_hash}
         if not Path(self.path).is_dir():
-            return Live(LiveState.FAILED, self.spec_hash, handle={"path": self.path}, attributes={"path": self.path},
+            return Live(LiveState.FAILED, self.spec_hash, handle={"path": self.path}, attributes=attributes,
                         message=f"the directory {self.path!r} is missing")
-        return Live(LiveState.READY, self.spec_hash, handle={"path": self.path}, attributes={"path": self.path})
+        return Live(LiveState.READY, self.spec_hash, handle={"path": self.path}, attributes=attributes)
 
 
 class DirectoryDelegate(Delegate):
@@ -175,14 +191,21 @@ class DirectoryDelegate(Delegate):
 
         for name, target in targets.items():
             _write_if_changed(target, spec.files[name].encode(), rid)
+        for name, source in spec.copies.items():
+            try:
+                data = Path(source).read_bytes()
+            except OSError as e:
+                raise DelegateError(f"cannot copy {source!r} into the directory of {rid}: {e.strerror}") from e
+            _write_if_changed(_inside(path, name, rid), data, rid)
+        managed = {*spec.files, *spec.copies}
         if previous is not None and Path(previous.path) == path:
-            for name in set(previous.files) - set(spec.files):
+            for name in set(previous.files) - managed:
                 if _bad_file_name(name) is None:  # a sidecar is our own file, but a path is checked all the same
                     with contextlib.suppress(DelegateError, FileNotFoundError, IsADirectoryError):
                         _inside(path, name, rid).unlink()
 
         sidecar = Sidecar(id=str(rid), path=str(path.absolute()), spec_hash=resource.spec_hash, created=created,
-                          host=self.context.host, temporary=spec.temporary, files=tuple(sorted(spec.files)))
+                          host=self.context.host, temporary=spec.temporary, files=tuple(sorted(managed)))
         _write_if_changed(self._sidecar_path(rid), sidecar.to_json().encode(), rid)
         return sidecar.live()
 

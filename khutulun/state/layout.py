@@ -33,6 +33,7 @@ from khutulun.resources import ResourceId, check_name
 
 __all__ = [
     "LAYOUT_VERSION",
+    "artifact_file",
     "check_host_name",
     "converge_lease_file",
     "events_file",
@@ -55,6 +56,7 @@ __all__ = [
     "templates_dir",
     "templates_lock_file",
     "version_file",
+    "volumes_dir",
 ]
 
 LAYOUT_VERSION = "1"
@@ -133,6 +135,18 @@ def resources_dir(root: Path, namespace: str, service: str) -> Path:
 
 def resource_file(root: Path, rid: ResourceId) -> Path:
     return resources_dir(root, rid.namespace, rid.service) / f"{rid.filename}.json"
+
+
+def artifact_file(root: Path, namespace: str, service: str, digest: str) -> Path:
+    """An artifact of a service, by the SHA-256 of its content (so the path changes when the content does)."""
+    if not (len(digest) == 64 and all(c in "0123456789abcdef" for c in digest)):
+        raise InvalidInputError(f"{digest!r} is not an artifact digest")
+    return service_dir(root, namespace, service) / "artifacts" / digest
+
+
+def volumes_dir(root: Path) -> Path:
+    """Where the ``shared`` directories of services go, inside the shared state directory."""
+    return root / "volumes"
 
 
 def events_file(root: Path, namespace: str, service: str) -> Path:

@@ -44,6 +44,8 @@ class ServiceRecord:
     template_digest: str = ""
     template_name: str | None = None
     """The registered template it was deployed from, if any."""
+    artifacts: Mapping[str, str] = field(default_factory=dict)
+    """The artifact files of its template (as the template names them) → their digests in the shared state."""
     message: str = ""
     created_at: float = 0.0
     updated_at: float = 0.0
@@ -68,6 +70,8 @@ class ResourceRecord:
     restarts: int = 0
     started_at: float | None = None
     updated_at: float = 0.0
+    exposed: tuple[str, ...] = ()
+    """Ports opened in the host's firewall for it (``23456/tcp``), to close when it goes."""
 
 
 @dataclass(frozen=True)
@@ -112,3 +116,5 @@ class TemplateRecord:
     files: tuple[str, ...]
     description: str = ""
     registered_at: float = 0.0
+    blobs: tuple[str, ...] = ()
+    """Artifact files, kept as bytes beside the text files."""

@@ -185,18 +185,26 @@ def _unlink(path: Path) -> bool:
 def _normalize_bundle(bundle: Bundle) -> Bundle:
     """The bundle with every path in normal form, as it will be stored and read back."""
     files: dict[str, str] = {}
-    for name, text in bundle.files.items():
+    blobs: dict[str, bytes] = {}
+
+    def normal_name(name: str) -> str:
         normal = check_relative_path(name)
-        if normal in files:
+        if normal in files or normal in blobs:
             raise InvalidInputError(f"the template bundle has the file {normal!r} twice (as {name!r})")
-        files[normal] = text
-    for name in files:
+        return normal
+
+    for name, text in bundle.files.items():
+        files[normal_name(name)] = text
+    for name, data in bundle.blobs.items():
+        blobs[normal_name(name)] = data
+    every = {*files, *blobs}
+    for name in every:
         parent = posixpath.dirname(name)
         while parent:
-            if parent in files:
+            if parent in every:
                 raise InvalidInputError(f"the template bundle has {parent!r} both as a file and as a directory")
             parent = posixpath.dirname(parent)
-    return Bundle(main=check_relative_path(bundle.main), files=files)
+    return Bundle(main=check_relative_path(bundle.main), files=files, blobs=blobs)
 
 
 def _port_start(owner: str, capability: str, size: int) -> int:
@@ -532,13 +540,13 @@ class StateStore:
                 f"{time.time_ns():x}-{secrets.token_hex(4)}")
             files = version / "files"
             ensure_dir(files)
-            for relpath, data in encoded.items():
+            for relpath, data in [*encoded.items(), *normal.blobs.items()]:
                 target = files / relpath
                 ensure_dir(target.parent)
                 write_atomic(target, data)
             record = TemplateRecord(namespace=namespace, name=name, main=normal.main, digest=normal.digest,
                                     files=tuple(sorted(encoded)), description=description,
-                                    registered_at=time.time())
+                                    registered_at=time.time(), blobs=tuple(sorted(normal.blobs)))
             write_json_atomic(version / "template.json", codec.dump(record))
             link = layout.template_link(self._root, namespace, name)
             previous = self._template_version(namespace, name)
@@ -624,7 +632,8 @@ class StateStore:
                 raise NotFoundError(f"no template {name!r} in namespace {namespace!r}")
             record = self._template_record(version, namespace, name)
             files: dict[str, str] = {}
-            for relpath in record.files:
+            blobs: dict[str, bytes] = {}
+            for relpath in (*record.files, *record.blobs):
                 path = version / "files" / relpath
                 try:
                     if check_relative_path(relpath) != relpath:
@@ -634,12 +643,15 @@ class StateStore:
                 data = read_bytes(path)
                 if data is None:
                     raise StateError(f"the template {namespace}/{name} misses its file {str(path)!r}")
+                if relpath in record.blobs:
+                    blobs[relpath] = data
+                    continue
                 try:
                     files[relpath] = data.decode()
                 except UnicodeDecodeError as e:
                     raise StateError(f"the template file {str(path)!r} is not UTF-8: {e}") from e
         try:
-            bundle = Bundle(main=record.main, files=files)
+            bundle = Bundle(main=record.main, files=files, blobs=blobs)
         except InvalidInputError as e:
             raise StateError(f"the template {namespace}/{name} is broken: {e}") from e
         if bundle.digest != record.digest:
@@ -669,6 +681,27 @@ class StateStore:
             _unlink(layout.template_link(self._root, namespace, name))
             self._retire(version)
             self._collect_template_versions(namespace, name)
+
+    # Artifacts ------------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def artifact_digests(blobs: Mapping[str, bytes]) -> dict[str, str]:
+        """The digest each artifact file is stored under (its SHA-256): a path that changes with its content."""
+        return {name: hashlib.sha256(data).hexdigest() for name, data in blobs.items()}
+
+    def artifact_path(self, namespace: str, service: str, digest: str) -> Path:
+        return layout.artifact_file(self._root, namespace, service, digest)
+
+    def put_artifacts(self, namespace: str, service: str, blobs: Mapping[str, bytes]) -> dict[str, str]:
+        """Store a deploy's artifact files where every host can read them; answer name → digest. A file
+        already stored (the same content) is not written again."""
+        digests = self.artifact_digests(blobs)
+        for name, digest in digests.items():
+            path = self.artifact_path(namespace, service, digest)
+            if not _exists(path):
+                ensure_dir(path.parent)
+                write_atomic(path, blobs[name])
+        return digests
 
     # Hosts ----------------------------------------------------------------------------------------------------
 

@@ -3,21 +3,28 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import yaml
+
 from khutulun import model
 from khutulun.errors import Problem
+from khutulun.expressions import text_of
 from khutulun.model import EXPR_TYPES, PROFILE_TYPES, AttributeRef, Concat, NodeKind, Token
 from khutulun.tosca.functions import INVALID, Evaluator
 from khutulun.tosca.source import Document, FieldPath
 from khutulun.tosca.types import TypeIndex
-from khutulun.tosca.values import check_value, coerce, contains_function, convert_input
+from khutulun.tosca.values import check_value, coerce, contains_function, convert_input, is_function
 from khutulun.tosca.views import NodeView, TopologyViews, did_you_mean
 
-__all__ = ["build_topology", "find_cycles", "resolve_inputs"]
+__all__ = ["ArtifactFinder", "build_topology", "find_cycles", "resolve_inputs"]
 
 INPUTS: FieldPath = ("topology_template", "inputs")
+
+ArtifactFinder = Callable[[str], tuple[str, bytes | None]]
+"""An artifact's file name as written → (its path in the template's source, its content or None)."""
 
 
 def resolve_inputs(doc: Document, given: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any],
@@ -142,18 +149,30 @@ def _lower_occurrence(definition: Any) -> int:
 
 
 class _Builder:
-    def __init__(self, doc: Document, views: TopologyViews, evaluator: Evaluator, index: TypeIndex) -> None:
+    def __init__(self, doc: Document, views: TopologyViews, evaluator: Evaluator, index: TypeIndex,
+                 find_artifact: ArtifactFinder) -> None:
         self.doc = doc
         self.views = views
         self.evaluator = evaluator
         self.index = index
+        self.find_artifact = find_artifact
         self.problems: list[Problem] = []
+        self.rendered: dict[str, dict[str, Any]] = {}
 
     def value(self, raw: Any, evaluated: Any, definition: Any, path: FieldPath, what: str) -> Any:
-        """A property's evaluated value, checked when a function produced it, scalars as numbers."""
+        """A property's evaluated value, checked when a function produced it, scalars as numbers; a value of a
+        data type gets the defaults of its fields, each field made the same way."""
         type_name = definition.get("type") if isinstance(definition, dict) else None
         if not isinstance(type_name, str) or evaluated is INVALID or isinstance(evaluated, EXPR_TYPES):
             return evaluated
+        if isinstance(evaluated, dict) and not self.index.is_primitive(type_name) \
+                and self.index.get(type_name, "data_types") is not None:
+            fields = self.index.merged(type_name, "properties")
+            given = {k: d["default"] for k, d in fields.items() if isinstance(d, dict) and "default" in d}
+            given.update(evaluated)
+            return {key: self.value(raw.get(key) if isinstance(raw, dict) else None, field_value, fields.get(key),
+                                    (*path, key), f"{what}.{key}")
+                    for key, field_value in given.items()}
         schema = definition.get("entry_schema")
         if contains_function(raw):  # literal values were checked when the template was read
             if _contains(evaluated, lambda v: v is INVALID):
@@ -200,28 +219,104 @@ class _Builder:
                               self.evaluator.evaluate(r.properties, (*r.path, "relationship", "properties"),
                                                       view.name, source=view.name, target=r.target))
             for r in view.requirements)
+        artifacts = self.artifacts(view)
+        if view.name in self.rendered:
+            properties["files"] = {**(properties.get("files") or {}), **self.rendered[view.name]}
+        self.check_ready(view, properties, capabilities)
         line, column = self.doc.positions.of(view.path, key=True)
         return model.Node(name=view.name, type=view.type, types=view.chain, kind=_kind(view.chain),
                           properties=properties, capabilities=capabilities, requirements=requirements,
-                          artifacts=self.artifacts(view), source=model.SourceRef(self.doc.display, line, column))
+                          artifacts=artifacts, source=model.SourceRef(self.doc.display, line, column))
+
+    def check_ready(self, view: NodeView, properties: dict[str, Any],
+                    capabilities: dict[str, model.Capability]) -> None:
+        """A ready condition checks one thing, and a TCP or HTTP check on the node needs an endpoint."""
+        conditions = [((*view.path, "properties", "ready"), properties.get("ready"), True)]
+        conditions += [((*view.path, "capabilities", c.name, "properties", "ready"), c.properties.get("ready"), False)
+                       for c in capabilities.values()]
+        for path, condition, on_node in conditions:
+            if not isinstance(condition, dict):
+                continue
+            kinds = [k for k in ("tcp", "http", "command") if condition.get(k)]
+            if len(kinds) != 1:
+                self.problems.append(self.doc.problem(path, "a ready condition needs exactly one of tcp, http and "
+                                                      f"command (it has {', '.join(kinds) or 'none'})"))
+                continue
+            whole_url = str(condition.get("http", "")).startswith(("http:", "https:"))
+            if on_node and kinds[0] != "command" and not whole_url \
+                    and not any(c.is_endpoint for c in capabilities.values()):
+                self.problems.append(self.doc.problem(path, f"the ready condition checks {kinds[0]} on an endpoint, "
+                                                      f"but {view.name!r} has none"))
 
     def artifacts(self, view: NodeView) -> dict[str, model.Artifact]:
+        """The node's artifacts, their files found next to the template; a template artifact of a directory
+        is rendered into its files (see :meth:`render`)."""
         raw = view.raw.get("artifacts")
         out: dict[str, model.Artifact] = {}
         if not isinstance(raw, dict):
             return out
         for name, definition in raw.items():
+            path = (*view.path, "artifacts", name)
             if isinstance(definition, str):
-                out[str(name)] = model.Artifact(str(name), "tosca.artifacts.File", definition)
-            elif isinstance(definition, dict) and isinstance(definition.get("file"), str):
-                props = self.evaluator.evaluate(definition.get("properties") or {},
-                                                (*view.path, "artifacts", name, "properties"), view.name)
-                deploy_path = definition.get("deploy_path")
-                out[str(name)] = model.Artifact(str(name), str(definition.get("type", "tosca.artifacts.File")),
-                                                definition["file"],
-                                                deploy_path if isinstance(deploy_path, str) else None,
-                                                props if isinstance(props, dict) else {})
+                definition = {"file": definition}
+            if not isinstance(definition, dict) or not isinstance(definition.get("file"), str):
+                self.problems.append(self.doc.problem(path, f"artifact {name!r} needs a file"))
+                continue
+            file_path = path if isinstance(raw[name], str) else (*path, "file")
+            if "://" in definition["file"]:
+                self.problems.append(self.doc.problem(file_path, f"artifact {name!r} names a URL; Khutulun never "
+                                                      "fetches from the network: put the file next to the template"))
+                continue
+            rel, data = self.find_artifact(definition["file"])
+            if data is None:
+                self.problems.append(self.doc.problem(file_path, f"artifact {name!r}: there is no file "
+                                                      f"{definition['file']!r} next to the template"))
+                continue
+            type_name = self.index.canonical(definition.get("type")) or "tosca.artifacts.File"
+            deploy_path = definition.get("deploy_path")
+            deploy_path = deploy_path if isinstance(deploy_path, str) else None
+            if self.index.is_a(type_name, "khutulun.artifacts.Template"):
+                if _kind(view.chain) is not NodeKind.DIRECTORY:
+                    self.problems.append(self.doc.problem(path, f"artifact {name!r}: a template artifact "
+                                                          "belongs on a khutulun.nodes.Directory"))
+                    continue
+                self.rendered.setdefault(view.name, {})[deploy_path or str(name)] = self.render(
+                    view, str(name), data, path)
+            props = self.evaluator.evaluate(definition.get("properties") or {}, (*path, "properties"), view.name)
+            out[str(name)] = model.Artifact(str(name), type_name, rel, deploy_path,
+                                            props if isinstance(props, dict) else {})
         return out
+
+    def render(self, view: NodeView, name: str, data: bytes, path: FieldPath) -> Any:
+        """A template's text with each ``{{ function }}`` replaced by its value (a concat when one is only
+        known at run time)."""
+        try:
+            text = data.decode()
+        except UnicodeDecodeError:
+            self.problems.append(self.doc.problem(path, f"artifact {name!r}: a template must be UTF-8 text"))
+            return INVALID
+        parts: list[Any] = []
+        last = 0
+        for match in re.finditer(r"\{\{(.*?)\}\}", text, re.S):
+            parts.append(text[last:match.start()])
+            last = match.end()
+            inner = match.group(1).strip()
+            where = f"artifact {name!r}, line {text.count(chr(10), 0, match.start()) + 1}"
+            try:
+                call = yaml.safe_load("{" + inner + "}")
+            except yaml.YAMLError:
+                call = None
+            if not is_function(call):
+                self.problems.append(self.doc.problem(path, f"{where}: {{{{ {inner} }}}} is not a TOSCA function "
+                                                      "(such as {{ get_attribute: [api, endpoint, port] }})"))
+                return INVALID
+            parts.append(self.evaluator.evaluate(call, (*path, "file"), view.name))
+        parts.append(text[last:])
+        if any(p is INVALID for p in parts):
+            return INVALID
+        if any(isinstance(p, EXPR_TYPES) for p in parts):
+            return Concat(tuple(p for p in parts if p != ""))
+        return "".join(text_of(p) for p in parts)
 
     def policies(self) -> tuple[model.Policy, ...]:
         raw = self.doc.get(("topology_template", "policies"))
@@ -280,8 +375,9 @@ class _Builder:
 
 
 def build_topology(doc: Document, views: TopologyViews, evaluator: Evaluator, index: TypeIndex,
-                   inputs: dict[str, Any]) -> tuple[model.Topology | None, list[Problem]]:
-    builder = _Builder(doc, views, evaluator, index)
+                   inputs: dict[str, Any], find_artifact: ArtifactFinder) -> tuple[model.Topology | None,
+                                                                                    list[Problem]]:
+    builder = _Builder(doc, views, evaluator, index, find_artifact)
     targeted = {(r.target, r.capability) for v in views.nodes.values() for r in v.requirements if r.capability}
     policies = builder.policies()
     outputs = builder.outputs()

@@ -26,6 +26,10 @@ class FileSource:
     def read(self, rel: str) -> str | None:
         raise NotImplementedError
 
+    def read_bytes(self, rel: str) -> bytes | None:
+        """A file as it is (an artifact: an image, an archive, a template)."""
+        raise NotImplementedError
+
     def display(self, rel: str) -> str:
         raise NotImplementedError
 
@@ -55,6 +59,12 @@ class DiskSource(FileSource):
         except (OSError, UnicodeDecodeError, ValueError):
             return None
 
+    def read_bytes(self, rel: str) -> bytes | None:
+        try:
+            return Path(self.real_path(rel)).read_bytes()
+        except (OSError, ValueError):
+            return None
+
     def is_file(self, rel: str) -> bool:
         return Path(self.real_path(rel)).is_file()
 
@@ -75,6 +85,12 @@ class BundleSource(FileSource):
 
     def read(self, rel: str) -> str | None:
         return self.bundle.files.get(rel)
+
+    def read_bytes(self, rel: str) -> bytes | None:
+        if rel in self.bundle.blobs:
+            return self.bundle.blobs[rel]
+        text = self.bundle.files.get(rel)
+        return text.encode() if text is not None else None
 
     def display(self, rel: str) -> str:
         return posixpath.join(self.root, rel) if self.root else rel

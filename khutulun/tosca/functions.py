@@ -15,7 +15,7 @@ from typing import Any
 
 from khutulun.errors import Problem
 from khutulun.expressions import text_of
-from khutulun.model import EXPR_TYPES, AttributeRef, Concat, Join, Token
+from khutulun.model import ENDPOINT_CAPABILITY, EXPR_TYPES, PLACED_ATTRIBUTES, AttributeRef, Concat, Join, Token
 from khutulun.tosca.source import Document, FieldPath, child
 from khutulun.tosca.types import TypeIndex
 from khutulun.tosca.values import is_function
@@ -111,7 +111,8 @@ class Evaluator:
                 return self._problem(path, f"{name} needs a list of at least two arguments: "
                                      "[node or SELF, (capability or requirement,) name, ...]")
             result = self._get(name == "get_attribute", args, path, ctx)
-            if isinstance(result, AttributeRef) and ctx.node is not None and result.node != ctx.node:
+            if isinstance(result, AttributeRef) and ctx.node is not None and result.node != ctx.node \
+                    and not self._placed(result):
                 self.attribute_refs[ctx.node].add(result.node)
             return result
         if name == "concat":
@@ -160,6 +161,12 @@ class Evaluator:
             self._problem(path, f"there is no node template {word!r}{hint}")
             return None
         return word
+
+    def _placed(self, ref: AttributeRef) -> bool:
+        """An endpoint's address or port: placement decides it, so referring to it orders nothing."""
+        view = self.views.nodes.get(ref.node)
+        capability = view.capabilities.get(ref.capability) if view is not None and ref.capability else None
+        return capability is not None and ENDPOINT_CAPABILITY in capability.chain and ref.attribute in PLACED_ATTRIBUTES
 
     def _hosts(self, node: str) -> list[str]:
         """The nodes ``node`` is hosted on, nearest first, through HostedOn requirements."""

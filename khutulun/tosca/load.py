@@ -6,6 +6,7 @@ messages that only repeat one of ours, or cascade from a node whose type is unkn
 
 from __future__ import annotations
 
+import posixpath
 from collections.abc import Mapping
 from typing import Any
 
@@ -122,8 +123,12 @@ def load_template(main: FileRef, library: Any, given_inputs: Mapping[str, Any]) 
     views = read_topology(doc, index)
     problems += views.problems + check_types_used(doc, index)
 
+    def find_artifact(name: str) -> tuple[str, bytes | None]:
+        rel = posixpath.normpath(name[1:]) if name.startswith("/") else entry.ref.sibling(name)
+        return rel, (entry.ref.source.read_bytes(rel) if not rel.startswith("..") else None)
+
     evaluator = Evaluator(doc, views, index, inputs)
-    topology, build_problems = build_topology(doc, views, evaluator, index, inputs)
+    topology, build_problems = build_topology(doc, views, evaluator, index, inputs, find_artifact)
     problems += build_problems + find_cycles(doc, views, evaluator.attribute_refs)
 
     main_data, files = _parser_inputs(sources, entry)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from hypothesis import given, settings
@@ -139,3 +140,18 @@ def test_every_step_comes_after_the_steps_it_depends_on(data: st.DataObject) -> 
         step = next(s for s in plan.steps if s.id == d.id)
         if step.action is Action.KEEP:
             assert alive[d.id].spec_hash == spec_hash(d.spec)
+
+
+def test_what_reads_a_changing_resource_is_updated_after_it_and_only_then() -> None:
+    site_old, site_new = {"files": {"a": "1"}}, {"files": {"a": "2"}}
+    web, other = {"command": ["serve"]}, {"command": ["other"]}
+    wanted = [desired("site", site_new), replace(desired("web", web, ("site",)), reads=(rid("site"),)),
+              desired("other", other, ("site",))]  # depends on site for ordering only: reads nothing of it
+    prior = {rid("site"): record("site", site_old), rid("web"): record("web", web, ("site",)),
+             rid("other"): record("other", other, ("site",))}
+    alive = {rid("site"): live(site_old), rid("web"): live(web), rid("other"): live(other)}
+    plan = make_plan("ns", "svc", 1, wanted, prior, alive, resolve)
+    steps = {s.id.node: s for s in plan.steps}
+    assert actions(plan) == {"site": "update", "web": "update", "other": "keep"}
+    assert steps["web"].spec_hash is None and steps["site"].key in steps["web"].after
+    assert steps["web"].reason.startswith("uses site/0, which changes")

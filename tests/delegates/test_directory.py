@@ -51,7 +51,8 @@ async def test_a_default_directory_is_made_under_the_data_directory(
     live = await delegate.apply(resource, None)
     path = context.data_dir / "directories" / "test" / "svc" / "web.0"
     assert (live.state, live.spec_hash, live.attributes, live.healthy) == (LiveState.READY, resource.spec_hash,
-                                                                           {"path": str(path)}, True)
+                                                                           {"path": str(path),
+                                                                            "digest": resource.spec_hash}, True)
     assert (path / "conf" / "app.ini").read_text() == "[app]\nport = 8080\n"
     assert json.loads(sidecar(context).read_text()) == {
         "id": "test/svc/web/0", "path": str(path), "spec_hash": resource.spec_hash, "created": True,
@@ -134,8 +135,8 @@ async def test_a_bad_spec_is_refused_with_every_problem_named(delegate: Director
     with pytest.raises(DelegateError) as raised:
         await delegate.apply(resource, None)
     assert raised.value.message == (
-        "the directory spec of test/svc/web/0 is not valid: unknown keys ['mode'] (known: ['files', 'path', "
-        "'temporary']); 'path' must be an absolute path or null, not 'relative'; 'temporary' must be true or "
+        "the directory spec of test/svc/web/0 is not valid: unknown keys ['mode'] (known: ['copies', 'files', "
+        "'path', 'temporary']); 'path' must be an absolute path or null, not 'relative'; 'temporary' must be true or "
         "false, not 'yes'; 'files' entry 'a' must be text, not 1")
 
 
@@ -154,7 +155,8 @@ async def test_inspect(delegate: DirectoryDelegate, context: DelegateContext, ma
     live = await DirectoryDelegate(context).inspect(resource)  # a restarted agent: from the sidecar
     assert live is not None
     assert (live.state, live.spec_hash, live.attributes) == (LiveState.READY, resource.spec_hash,
-                                                             {"path": str(tmp_path / "d")})
+                                                             {"path": str(tmp_path / "d"),
+                                                              "digest": resource.spec_hash})
     (tmp_path / "d").rmdir()
     assert await delegate.inspect(resource) is None
 
@@ -242,3 +244,21 @@ async def test_removing_a_temporary_default_directory_leaves_no_empty_levels(
     await delegate.apply(resource, None)
     await delegate.delete(resource, await delegate.inspect(resource))
     assert not (context.data_dir / "directories" / "test").exists()
+
+
+async def test_copies_are_copied_in_and_change_the_digest(delegate: DirectoryDelegate, make: MakeResource,
+                                                         tmp_path: Path) -> None:
+    source = tmp_path / "artifact.bin"
+    source.write_bytes(b"\x00\x01 seed")
+    spec = {**directory(tmp_path / "d", files={"a.conf": "x=1\n"}), "copies": {"data/seed.bin": str(source)}}
+    first = await delegate.apply(make(spec), None)
+    assert (tmp_path / "d" / "data" / "seed.bin").read_bytes() == b"\x00\x01 seed"
+    other = tmp_path / "artifact2.bin"
+    other.write_bytes(b"new")
+    changed = make({**spec, "copies": {"data/seed.bin": str(other)}})
+    second = await delegate.apply(changed, first)
+    assert (tmp_path / "d" / "data" / "seed.bin").read_bytes() == b"new"
+    assert first.attributes["digest"] != second.attributes["digest"] == changed.spec_hash
+    dropped = make(directory(tmp_path / "d", files={"a.conf": "x=1\n"}))
+    await delegate.apply(dropped, second)
+    assert not (tmp_path / "d" / "data" / "seed.bin").exists()

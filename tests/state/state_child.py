@@ -94,6 +94,38 @@ def ports(root: str, host: str, prefix: str, count: str, go: str) -> None:
     say(json.dumps({"ports": got, "fixed": fixed}))
 
 
+def bound_ports(root: str, host: str, prefix: str, count: str, go: str, low: str, high: str) -> None:
+    """Reserve ports one at a time as an agent does (asking the host whether each is free), and bind each at
+    once, keeping it bound as its workload would: a port handed out that cannot be bound is a failure."""
+    import socket
+
+    from khutulun.agent.operations import port_is_free
+
+    store = StateStore(root, lock_timeout=30)
+    held: list[socket.socket] = []
+    while not Path(go).exists():
+        time.sleep(0.001)
+    got: dict[str, int] = {}
+    unbindable: list[int] = []
+    for i in range(int(count)):
+        owner = f"default/{prefix}/web/{i}"
+        port = store.reserve_ports(host, (int(low), int(high)), [PortRequest(owner, "http", 0, "tcp")],
+                                   port_is_free)["http"]
+        got[owner] = port
+        listener = socket.socket()
+        try:
+            listener.bind(("0.0.0.0", port))
+            listener.listen()
+            held.append(listener)
+        except OSError:
+            unbindable.append(port)
+            listener.close()
+    say(json.dumps({"ports": got, "unbindable": unbindable}))
+    sys.stdin.read()  # keep the ports bound until the test has looked
+    for listener in held:
+        listener.close()
+
+
 def templates(root: str) -> None:
     store = StateStore(root, lock_timeout=30)
     i = 0
@@ -114,6 +146,8 @@ def main(argv: list[str]) -> int:
         loop(*args)
     elif command == "ports":
         ports(*args)
+    elif command == "bound-ports":
+        bound_ports(*args)
     elif command == "templates":
         templates(*args)
     else:

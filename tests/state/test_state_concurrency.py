@@ -89,3 +89,43 @@ def test_a_template_replaced_in_a_loop_is_always_one_whole_version(tmp_path: Pat
     assert len(seen) > 4, "the writer hardly wrote: the test proved little"
     assert any(tag.startswith("# A ") for tag in seen)
     assert any(tag.startswith("# B ") for tag in seen)
+
+
+def test_200_ports_from_3_processes_are_distinct_and_each_could_be_bound(tmp_path: Path) -> None:
+    """As three agents sharing the state directory would reserve them: no duplicate, none that another program
+    already listens on, and every one bindable when handed out (each process binds its own and keeps them)."""
+    import socket
+
+    store = StateStore(tmp_path / "state")
+    store.initialize()
+    low, high = 21000, 21249  # below the ephemeral range, so no outgoing connection takes one meanwhile
+    others = []
+    for port in range(low, high + 1, 12):  # 21 ports some other program listens on
+        taken = socket.socket()
+        taken.bind(("0.0.0.0", port))
+        taken.listen()
+        others.append(taken)
+    go = tmp_path / "go"
+    children = [subprocess.Popen([sys.executable, str(CHILD), "bound-ports", str(store.root), "host-a", prefix,
+                                  str(count), str(go), str(low), str(high)],
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+                for prefix, count in {"alpha": 67, "beta": 67, "gamma": 66}.items()]
+    try:
+        time.sleep(0.3)
+        go.touch()
+        results = []
+        for child in children:
+            assert child.stdout is not None
+            results.append(json.loads(child.stdout.readline()))
+        ports = [port for result in results for port in result["ports"].values()]
+        assert len(ports) == 200 and len(set(ports)) == 200, "two owners got the same port"
+        assert [p for result in results for p in result["unbindable"]] == []
+        assert not set(ports) & {s.getsockname()[1] for s in others}
+    finally:
+        for taken in others:
+            taken.close()
+        for child in children:
+            for stream in (child.stdin, child.stdout):
+                if stream is not None:
+                    stream.close()
+            child.wait(30)
