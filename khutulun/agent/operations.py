@@ -120,7 +120,7 @@ class Operations:
             is_free = port_is_free if host.name == self.ctx.host else None
             return self.ctx.store.reserve_ports(host.name, self.ctx.config.port_range, requests, is_free)
 
-        return place(topology, self.hosts(), prior, allocate, ids)
+        return place(topology, self.hosts(), prior, allocate, ids, service=f"{namespace}/{service}")
 
     # -- preview, deploy, destroy ---------------------------------------------------------------------
 

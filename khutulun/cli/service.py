@@ -142,6 +142,12 @@ def preview(state: CliState, template: Path | None, registered: str | None, serv
         rows = _plan_rows(plan, everything=everything)
         if rows:
             table(state, ["ACTION", "INSTANCE", "HOST", "DELEGATE", "WHY"], rows)
+        placed = {f"{i['node']}/{i['index']}": i for i in answer["placement"]["instances"]}
+        moving = [s["instance"] for s in plan["steps"] if everything or s["action"] == "create"]
+        if moving:
+            state.out.print()
+            table(state, ["INSTANCE", "PLACED ON", "BECAUSE"],
+                  [[name, placed[name]["host"], placed[name]["reason"]] for name in moving if name in placed])
         changes = len(plan["steps"]) - plan["counts"]["keep"]
         state.out.print(f"\n{'Nothing to do' if not changes else 'Plan'}: {_plan_summary(plan)}.")
         if changes:

@@ -20,7 +20,7 @@ from khutulun.tosca.locate import locate
 from khutulun.tosca.parser import for_parser, run_tosca_parser
 from khutulun.tosca.source import Document, format_path
 from khutulun.tosca.types import TypeIndex
-from khutulun.tosca.views import NODE_TEMPLATES, check_types_used, read_topology
+from khutulun.tosca.views import NODE_TEMPLATES, TopologyViews, check_types_used, read_topology
 
 __all__ = ["SUPPORTED_VERSIONS", "load_template"]
 
@@ -81,6 +81,25 @@ def _parser_inputs(sources: SourceSet, main: LoadedFile) -> tuple[dict[str, Any]
     return for_parser(main.doc.data, imports_of(main, {main.ref}), main=True), files
 
 
+def _floats_for_parser(views: TopologyViews) -> None:
+    """tosca-parser refuses an integer where a float is declared (``cpus: 2``), which TOSCA's YAML allows and
+    Khutulun accepts: the data it gets has those integers as floats. (After Khutulun read it, like for_parser.)"""
+    for view in views.nodes.values():
+        sections = [(view.raw.get("properties"), view.property_defs)]
+        capabilities = view.raw.get("capabilities")
+        if isinstance(capabilities, dict):
+            sections += [(c.get("properties") if isinstance(c, dict) else None, view.capabilities[n].property_defs)
+                         for n, c in capabilities.items() if n in view.capabilities]
+        for values, defs in sections:
+            if not isinstance(values, dict):
+                continue
+            for name, value in values.items():
+                definition = defs.get(name)
+                if isinstance(definition, dict) and definition.get("type") == "float" \
+                        and isinstance(value, int) and not isinstance(value, bool):
+                    values[name] = float(value)
+
+
 def _under(path: str, prefix: str) -> bool:
     return path == prefix or path.startswith((prefix + ".", prefix + "["))
 
@@ -131,6 +150,7 @@ def load_template(main: FileRef, library: Any, given_inputs: Mapping[str, Any]) 
     topology, build_problems = build_topology(doc, views, evaluator, index, inputs, find_artifact)
     problems += build_problems + find_cycles(doc, views, evaluator.attribute_refs)
 
+    _floats_for_parser(views)
     main_data, files = _parser_inputs(sources, entry)
     report = run_tosca_parser(main_data, files, typed_inputs)
     documents = [doc] + [f.doc for ref, f in sources.files.items() if ref != entry.ref]
