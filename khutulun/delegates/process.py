@@ -193,6 +193,8 @@ class ProcessDelegate(Delegate):
         environment = self._environment(stat)
         if environment is None or environment.get(HOST_MARKER) != self.context.host:
             return None
+        if environment.get("KHUTULUN_DELEGATE", self.name) != self.name:
+            return None  # another delegate's session leader (an nspawn container): never ours to adopt or sweep
         marker = environment.get(RESOURCE_MARKER)
         if marker is None or (rid is not None and marker != str(rid)):
             return None

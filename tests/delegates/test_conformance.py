@@ -18,6 +18,7 @@ import pytest
 from khutulun.config import Timeouts
 from khutulun.delegates import Capabilities, Delegate, DelegateContext, delegate_classes
 from khutulun.resources import Live, Resource, ResourceId, spec_hash
+from tests.delegates.conftest import CONTAINER_DELEGATES
 
 Cleanup = Callable[[Delegate, Resource | None], None]
 Samples = dict[str, Callable[[Path], tuple[dict[str, Any], dict[str, Any]]]]
@@ -33,7 +34,8 @@ def test_every_sample_belongs_to_a_registered_delegate(sample_specs: Samples) ->
     assert set(sample_specs) <= set(DELEGATES), "a sample spec for a delegate that is not installed"
 
 
-@pytest.mark.parametrize("name", sorted(DELEGATES))
+@pytest.mark.parametrize("name", [pytest.param(name, marks=[pytest.mark.containers] if name in CONTAINER_DELEGATES
+                                                 else []) for name in sorted(DELEGATES)])
 async def test_delegate_conformance(name: str, sample_specs: Samples, host: str, tmp_path: Path,
                                     cleanup: Cleanup) -> None:
     if name not in sample_specs:

@@ -1,0 +1,596 @@
+"""The ``nspawn`` delegate: system containers, each a ``systemd-nspawn`` that the agent starts and supervises.
+
+``systemd-nspawn --register=no --keep-unit`` runs without machined and without systemd as PID 1
+(RUNTIMES.md, section 3), as a process much like the process delegate's: in a session of its own, its output
+appended to ``<data_dir>/logs/<ns>/<svc>/<node>.<index>.log``, supervised with a pidfd whether it is a child
+or adopted, and ours only when its pid, start time and markers agree. The markers are in the nspawn process's
+own environment (``KHUTULUN_RESOURCE``, ``KHUTULUN_SPEC_HASH``, ``KHUTULUN_HOST``, and ``KHUTULUN_DELEGATE=nspawn``
+so that no other delegate takes it for one of its own), where scans of ``/proc`` find it, and inside the
+container through ``--setenv``.
+
+In command mode the command runs as PID 2 under nspawn's stub init (``--as-pid2``): as PID 1 it would ignore
+SIGTERM, and the stub reaps what it orphans. A stop sends the command itself SIGTERM (the stub's own shutdown
+signals add a SIGHUP right after it, which would cut a SIGTERM handler short); a booted container gets
+SIGRTMIN+4 at its init, which powers systemd off (RUNTIMES.md, section 3). After the grace period, SIGKILL to
+the container's leader ends every process in it, and nspawn with it. The container shares the host's network.
+
+A ``rootfs_archive`` is unpacked once, into ``<data_dir>/rootfs/<sha256 of the archive>/``. nspawn locks the
+directory it runs in, so two containers cannot share one: two instances on a host need two roots.
+
+A spec, as the agent builds it::
+
+    {"root": "/var/lib/machines/deb", "rootfs_archive": null, "command": ["/bin/sh", "-c", "exec httpd -f"],
+     "boot": false, "environment": {"K": "v"}, "mounts": [{"source": "/srv/data", "target": "/data",
+     "read_only": false}], "stop_timeout": 10.0}
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import math
+import os
+import shutil
+import signal
+import subprocess
+import time
+import uuid
+from collections.abc import AsyncGenerator, Mapping, Sequence
+from contextlib import suppress
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from khutulun.delegates import procfs
+from khutulun.delegates._containers import Mount, parse_mounts
+from khutulun.delegates._hostio import ended_within, exit_status, follow_file, start_exec
+from khutulun.delegates.base import Capabilities, Delegate, DelegateContext, ExecSession
+from khutulun.delegates.process import (
+    HOST_MARKER,
+    RESOURCE_MARKER,
+    SPEC_HASH_MARKER,
+    _base_environment,
+    _early_exit_message,
+    _parse_marker,
+)
+from khutulun.errors import DelegateError
+from khutulun.resources import Live, LiveState, Resource, ResourceId
+
+__all__ = ["DELEGATE_MARKER", "NspawnDelegate", "NspawnSpec", "nspawn_command"]
+
+DELEGATE_MARKER = "KHUTULUN_DELEGATE"
+_NAME = "nspawn"
+_SPEC_KEYS = frozenset({"root", "rootfs_archive", "command", "boot", "environment", "mounts", "stop_timeout"})
+_COMM = "systemd-nspawn"  # the command name in /proc/<pid>/stat of an nspawn process (not of its forks inside)
+_CONTAINER_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+_COMMAND_SHUTDOWN = signal.SIGRTMIN + 3  # nspawn's --kill-signal in command mode: the stub init's "halt"
+_BOOT_SHUTDOWN = signal.SIGRTMIN + 4  # to systemd: power off
+_LEADER_WAIT = 5.0  # seconds nspawn has to set the container up before it counts as started anyway
+_KILL_WAIT = 5.0
+_HASH_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class NspawnSpec:
+    root: str | None
+    rootfs_archive: str | None
+    command: tuple[str, ...] | None
+    boot: bool
+    environment: Mapping[str, str]
+    mounts: tuple[Mount, ...]
+    stop_timeout: float
+
+    @classmethod
+    def parse(cls, resource: Resource, default_stop_timeout: float) -> NspawnSpec:
+        """Validate a spec; every problem is named in one DelegateError."""
+        spec = resource.spec
+        problems: list[str] = []
+        unknown = sorted(set(spec) - _SPEC_KEYS)
+        if unknown:
+            problems.append(f"unknown keys {unknown!r} (known: {sorted(_SPEC_KEYS)!r})")
+        root, archive = spec.get("root"), spec.get("rootfs_archive")
+        for key, path in (("root", root), ("rootfs_archive", archive)):
+            if path is not None and not (_is_text(path) and Path(path).is_absolute()):
+                problems.append(f"{key!r} must be an absolute path or null, not {path!r}")
+        if (root is None) == (archive is None):
+            problems.append("give exactly one of 'root' and 'rootfs_archive'")
+        boot = spec.get("boot") or False
+        if not isinstance(boot, bool):
+            problems.append(f"'boot' must be true or false, not {boot!r}")
+            boot = False
+        command = spec.get("command")
+        if boot and command is not None:
+            problems.append("a container that boots runs its own init: 'command' must be null")
+        elif not boot and not (isinstance(command, list | tuple) and command and all(_is_text(a) for a in command)
+                               and command[0]):
+            problems.append(f"'command' must be a non-empty list of strings (or 'boot' true), not {command!r}")
+        environment = spec.get("environment") or {}
+        if not isinstance(environment, Mapping):
+            problems.append(f"'environment' must map names to strings, not {environment!r}")
+            environment = {}
+        for key, value in environment.items():
+            if not (_is_text(key) and key and "=" not in key and _is_text(value)):
+                problems.append(f"'environment' entry {key!r}: {value!r} is not a name (without '=') and a string")
+        mounts = parse_mounts(spec.get("mounts"), problems)
+        stop_timeout = spec.get("stop_timeout")
+        if stop_timeout is None:
+            stop_timeout = default_stop_timeout
+        if isinstance(stop_timeout, bool) or not isinstance(stop_timeout, int | float) \
+                or not math.isfinite(stop_timeout) or stop_timeout < 0:
+            problems.append(f"'stop_timeout' must be a number of seconds (0 or more), not {stop_timeout!r}")
+            stop_timeout = default_stop_timeout
+        if problems:
+            raise DelegateError(f"the nspawn spec of {resource.id} is not valid: " + "; ".join(problems))
+        return cls(root, archive, tuple(command) if command and not boot else None, boot, dict(environment), mounts,
+                   float(stop_timeout))
+
+
+def _is_text(value: Any) -> bool:
+    return isinstance(value, str) and "\0" not in value
+
+
+def _escape(path: str) -> str:
+    """A path in a ``--bind`` argument, where ``:`` separates source from target (``\\`` escapes)."""
+    return path.replace("\\", "\\\\").replace(":", "\\:")
+
+
+def nspawn_command(program: str, root: str, spec: NspawnSpec, markers: Mapping[str, str]) -> list[str]:
+    """The ``systemd-nspawn`` command line for a spec (pure: tested on its own)."""
+    argv = [program, "--register=no", "--keep-unit", "--quiet", f"--directory={root}"]
+    if spec.boot:
+        # The console's output goes to the log; nspawn passes a SIGTERM on as a power-off, as we would.
+        argv += ["--boot", "--console=read-only", f"--kill-signal={_signal_name(_BOOT_SHUTDOWN)}"]
+    else:
+        argv += ["--as-pid2", "--console=pipe", f"--kill-signal={_signal_name(_COMMAND_SHUTDOWN)}"]
+    argv += [f"--setenv={key}={value}" for key, value in {**spec.environment, **markers}.items()]
+    argv += [f"--bind{'-ro' if m.read_only else ''}={_escape(m.source)}:{_escape(m.target)}" for m in spec.mounts]
+    if spec.command is not None:
+        argv += ["--", *spec.command]
+    return argv
+
+
+def _signal_name(number: int) -> str:
+    return f"SIGRTMIN+{number - signal.SIGRTMIN}"
+
+
+@dataclass(frozen=True)
+class _Child:
+    popen: subprocess.Popen[bytes]
+    rid: ResourceId
+    host: str
+    spec_hash: str
+
+
+_CHILDREN: dict[int, _Child] = {}
+"""The nspawn processes this OS process started, by pid, whichever delegate instance started them: a child is
+reaped by whichever instance sees it end, and no Popen is dropped while its process runs."""
+
+
+@dataclass(frozen=True)
+class _Exit:
+    pid: int
+    spec_hash: str
+    returncode: int
+
+
+@dataclass(frozen=True)
+class _Found:
+    """An nspawn process verified as one of ours: alive, a session leader, with this host's markers."""
+
+    stat: procfs.ProcStat
+    environment: Mapping[str, str]
+
+    @property
+    def handle(self) -> dict[str, Any]:
+        return {"pid": self.stat.pid, "start_time": self.stat.start_time}
+
+    def live(self) -> Live:
+        return Live(LiveState.RUNNING, self.environment.get(SPEC_HASH_MARKER), handle=self.handle,
+                    attributes={"pid": self.stat.pid}, started_at=procfs.start_time_to_epoch(self.stat.start_time))
+
+
+@dataclass(frozen=True)
+class _Watch:
+    rid: ResourceId
+    pidfd: int
+    loop: asyncio.AbstractEventLoop
+
+
+def _arguments(pid: int) -> list[bytes]:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return []
+
+
+def _boots(pid: int) -> bool:
+    """Whether the nspawn process ``pid`` booted its container (its command line says so)."""
+    return b"--boot" in _arguments(pid)
+
+
+def _leader(pid: int) -> procfs.ProcStat | None:
+    """The container's PID 1 as the host sees it: the child of nspawn ``pid`` in a pid namespace of its own."""
+    try:
+        own = Path(f"/proc/{pid}/ns/pid").readlink()
+    except OSError:
+        return None
+    for stat in procfs.iter_stats():
+        if stat.ppid == pid and stat.alive:
+            with suppress(OSError):
+                if Path(f"/proc/{stat.pid}/ns/pid").readlink() != own:
+                    return stat
+    return None
+
+
+def _command(leader: procfs.ProcStat) -> procfs.ProcStat | None:
+    """The command of a command-mode container: the stub init's first child (later ones are orphans it took in)."""
+    children = [s for s in procfs.iter_stats() if s.ppid == leader.pid and s.alive]
+    return min(children, key=lambda s: s.start_time, default=None)
+
+
+def _signal_exactly(stat: procfs.ProcStat, sig: int) -> None:
+    """Send ``sig`` to the process ``stat`` describes, and to no other that has taken its pid since."""
+    try:
+        pidfd = os.pidfd_open(stat.pid)
+    except ProcessLookupError:
+        return
+    try:
+        now = procfs.read_stat(stat.pid)
+        if now is not None and now.start_time == stat.start_time:
+            with suppress(ProcessLookupError):
+                signal.pidfd_send_signal(pidfd, sig)
+    finally:
+        os.close(pidfd)
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class NspawnDelegate(Delegate):
+    name = _NAME
+    capabilities = Capabilities(supervised=True, logs=True, exec=True, list=True, watch=True)
+
+    def __init__(self, context: DelegateContext) -> None:
+        super().__init__(context)
+        self._watched: dict[int, _Watch] = {}
+        self._events: asyncio.Queue[ResourceId | None] = asyncio.Queue()
+        self._exits: dict[ResourceId, _Exit] = {}
+        self._digests: dict[tuple[str, int, int], str] = {}
+        self._unpacking: dict[str, asyncio.Lock] = {}
+        self._closed = False
+
+    def log_path(self, rid: ResourceId) -> Path:
+        return self.context.data_dir / "logs" / rid.namespace / rid.service / f"{rid.filename}.log"
+
+    def _spec(self, resource: Resource) -> NspawnSpec:
+        return NspawnSpec.parse(resource, self.context.timeouts.stop)
+
+    # --- finding our containers ---
+
+    def _ours(self, stat: procfs.ProcStat | None, rid: ResourceId | None) -> _Found | None:
+        """``stat``'s process if it is a live nspawn leading its session, with this host's markers (and ``rid``'s)."""
+        if stat is None or not stat.alive or not stat.session_leader or stat.comm != _COMM:
+            return None
+        environment = procfs.read_environ(stat.pid)
+        if environment is None or environment.get(HOST_MARKER) != self.context.host \
+                or environment.get(DELEGATE_MARKER) != _NAME:
+            return None
+        marker = environment.get(RESOURCE_MARKER)
+        if marker is None or (rid is not None and marker != str(rid)):
+            return None
+        return _Found(stat, environment)
+
+    def _from_handle(self, rid: ResourceId, handle: Mapping[str, Any] | None) -> _Found | None:
+        pid, start_time = (handle or {}).get("pid"), (handle or {}).get("start_time")
+        if type(pid) is not int or type(start_time) is not int or pid <= 0:
+            return None
+        stat = procfs.read_stat(pid)
+        if stat is None or stat.start_time != start_time:
+            return None
+        return self._ours(stat, rid)
+
+    def _scan(self, rid: ResourceId | None) -> list[_Found]:
+        """Every nspawn of this host with ``rid``'s markers (any resource's, for None), oldest first. In a thread."""
+        found = [f for stat in procfs.iter_stats() if stat.comm == _COMM and (f := self._ours(stat, rid))]
+        return sorted(found, key=lambda f: f.stat.start_time)
+
+    # --- the interface ---
+
+    async def inspect(self, resource: Resource) -> Live | None:
+        self._reap_children(resource.id)
+        found = self._from_handle(resource.id, resource.handle)
+        if found is None:
+            candidates = await asyncio.to_thread(self._scan, resource.id)
+            found = candidates[0] if candidates else None
+        if found is not None:
+            self._watch(resource.id, found.stat)
+            return found.live()
+        ended = self._exits.get(resource.id)
+        if ended is None:
+            return None
+        exit_code, how = exit_status(ended.returncode)
+        return Live(LiveState.STOPPED if ended.returncode == 0 else LiveState.FAILED, ended.spec_hash,
+                    handle={"pid": ended.pid}, exit_code=exit_code, message=f"the container {how}")
+
+    async def apply(self, resource: Resource, live: Live | None) -> Live:
+        spec = self._spec(resource)
+        if live is not None and live.state is LiveState.RUNNING and live.spec_hash == resource.spec_hash:
+            return live
+        await self._stop(resource, live, spec.stop_timeout)
+        root = await self._root(resource.id, spec)
+        return await self._start(resource, spec, root)
+
+    async def delete(self, resource: Resource, live: Live | None, *, purge: bool = False) -> None:
+        # Deleting must work for a spec that never was valid (and for an orphan's, which is empty).
+        try:
+            spec: NspawnSpec | None = self._spec(resource)
+        except DelegateError:
+            spec = None
+        await self._stop(resource, live, spec.stop_timeout if spec else self.context.timeouts.stop)
+        try:
+            self.log_path(resource.id).unlink(missing_ok=True)
+        except OSError as e:
+            raise DelegateError(f"cannot remove the log of {resource.id}: {e}") from e
+        if purge and spec is not None and spec.rootfs_archive is not None:
+            await self._purge_root(spec.rootfs_archive)
+
+    async def list(self) -> Sequence[tuple[ResourceId, Live]]:
+        self._reap_children()
+        by_id: dict[ResourceId, _Found] = {}
+        for found in await asyncio.to_thread(self._scan, None):
+            rid = _parse_marker(found.environment[RESOURCE_MARKER])
+            if rid is not None:
+                by_id.setdefault(rid, found)  # oldest first: the one we started, as inspect picks it
+        for rid, found in by_id.items():
+            self._watch(rid, found.stat)
+        return [(rid, found.live()) for rid, found in sorted(by_id.items())]
+
+    def logs(self, resource: Resource, *, follow: bool = False, tail: int | None = None) -> AsyncGenerator[bytes, None]:
+        return follow_file(self.log_path(resource.id), follow=follow, tail=tail)
+
+    async def exec(self, resource: Resource, argv: Sequence[str], *, tty: bool = False) -> ExecSession:
+        spec = self._spec(resource)
+        found = self._from_handle(resource.id, resource.handle)
+        if found is None:
+            candidates = await asyncio.to_thread(self._scan, resource.id)
+            found = candidates[0] if candidates else None
+        leader = await asyncio.to_thread(_leader, found.stat.pid) if found is not None else None
+        if leader is None:
+            raise DelegateError(f"cannot run a command in {resource.id}: its container is not running")
+        program = shutil.which("nsenter")
+        if program is None:
+            raise DelegateError("cannot run a command in a system container: nsenter is not installed")
+        # Every namespace of the container's leader, its root included: what `machinectl shell` would give,
+        # without machined. The command gets the container's environment, without the markers. A terminal is the
+        # host's: the command has one, but the container's /dev/pts does not name it (`tty` says "not a tty").
+        environment = {**{k: v for k, v in _base_environment().items() if k in ("LANG", "LANGUAGE", "TZ")
+                          or k.startswith("LC_")}, "PATH": _CONTAINER_PATH, "container": "systemd-nspawn",
+                       **spec.environment}
+        return await start_exec([program, f"--target={leader.pid}", "--all", "--", *argv], cwd=Path("/"),
+                                env=environment, tty=tty)
+
+    async def watch(self) -> AsyncGenerator[ResourceId, None]:
+        """Ids of containers that ended by themselves (not those this delegate stopped), as they end."""
+        while not self._closed and (rid := await self._events.get()) is not None:
+            yield rid
+
+    async def close(self) -> None:
+        for pid in list(self._watched):
+            self._unwatch(pid)
+        if not self._closed:
+            self._closed = True
+            self._events.put_nowait(None)
+
+    # --- roots ---
+
+    async def _root(self, rid: ResourceId, spec: NspawnSpec) -> Path:
+        if spec.root is not None:
+            root = Path(spec.root)
+            if not await asyncio.to_thread(root.is_dir):
+                raise DelegateError(f"{rid}: the root directory {spec.root!r} does not exist on this host")
+            return root
+        assert spec.rootfs_archive is not None
+        return await self._unpacked(rid, spec.rootfs_archive)
+
+    async def _digest(self, archive: str) -> str:
+        try:
+            st = await asyncio.to_thread(os.stat, archive)
+            key = (archive, st.st_size, st.st_mtime_ns)
+            if key not in self._digests:
+                self._digests[key] = await asyncio.to_thread(_sha256, archive)
+        except OSError as e:
+            raise DelegateError(f"cannot read the root filesystem archive {archive!r}: {e.strerror}") from e
+        return self._digests[key]
+
+    async def _unpacked(self, rid: ResourceId, archive: str) -> Path:
+        """The archive unpacked, once, into ``<data_dir>/rootfs/<sha256>``: in a directory of its own first, then
+        renamed into place, so that a root that is there is whole."""
+        digest = await self._digest(archive)
+        target = self.context.data_dir / "rootfs" / digest
+        async with self._unpacking.setdefault(digest, asyncio.Lock()):
+            if await asyncio.to_thread(target.is_dir):
+                return target
+            partial = target.with_name(f".{digest}.{uuid.uuid4().hex[:8]}")
+            try:
+                await asyncio.to_thread(partial.mkdir, parents=True)
+                process = await asyncio.create_subprocess_exec(
+                    "tar", "--extract", "--preserve-permissions", "--numeric-owner", f"--file={archive}",
+                    f"--directory={partial}", stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                    stderr=subprocess.PIPE)
+                _, errors = await process.communicate()
+                if process.returncode != 0:
+                    raise DelegateError(f"{rid}: cannot unpack the root filesystem archive {archive!r}: "
+                                        f"{errors.decode(errors='replace').strip()}")
+                await asyncio.to_thread(partial.rename, target)
+            except OSError as e:
+                raise DelegateError(f"{rid}: cannot unpack the root filesystem archive {archive!r}: {e}") from e
+            finally:
+                await asyncio.to_thread(shutil.rmtree, partial, True)
+        return target
+
+    async def _purge_root(self, archive: str) -> None:
+        """Remove the unpacked root of ``archive``, unless a container of ours still runs in it."""
+        try:
+            digest = await self._digest(archive)
+        except DelegateError:
+            return  # the archive is gone: which root was its cannot be told, and none is removed
+        target = self.context.data_dir / "rootfs" / digest
+        for found in await asyncio.to_thread(self._scan, None):
+            if os.fsencode(f"--directory={target}") in await asyncio.to_thread(_arguments, found.stat.pid):
+                return
+        await asyncio.to_thread(shutil.rmtree, target, True)
+        with suppress(OSError):  # nspawn's lock file beside the directory it ran in
+            await asyncio.to_thread(target.with_name(f".#{target.name}.lck").unlink, True)
+
+    # --- starting ---
+
+    async def _start(self, resource: Resource, spec: NspawnSpec, root: Path) -> Live:
+        rid = resource.id
+        self._exits.pop(rid, None)
+        popen, log_path, log_start = self._spawn(resource, spec, root)
+        stat = procfs.read_stat(popen.pid)  # our unreaped child: its /proc entry stays until we reap it
+        if stat is None:  # pragma: no cover - see above
+            raise DelegateError(f"{rid}: systemd-nspawn {popen.pid} started but cannot be found in /proc")
+        _CHILDREN[popen.pid] = _Child(popen, rid, self.context.host, resource.spec_hash)
+        pidfd = os.pidfd_open(popen.pid)
+        try:
+            # Started once the container's leader runs (nspawn has set everything up), and still runs a moment
+            # later; an nspawn that refuses (a root that is busy, a bind source that is missing) ends first.
+            deadline = time.monotonic() + _LEADER_WAIT
+            ended = False
+            while not (ended := await ended_within(pidfd, 0.02)) and time.monotonic() < deadline:
+                if await asyncio.to_thread(_leader, popen.pid) is not None:
+                    ended = await ended_within(pidfd, self.context.timeouts.startup_grace)
+                    break
+        finally:
+            os.close(pidfd)
+        if ended:
+            self._reap(popen.pid)
+            raise DelegateError(_early_exit_message("systemd-nspawn", popen.wait(), log_path, log_start))
+        self._watch(rid, stat)
+        return Live(LiveState.RUNNING, resource.spec_hash, handle={"pid": stat.pid, "start_time": stat.start_time},
+                    attributes={"pid": stat.pid}, started_at=time.time())
+
+    def _spawn(self, resource: Resource, spec: NspawnSpec, root: Path) -> tuple[subprocess.Popen[bytes], Path, int]:
+        rid = resource.id
+        program = shutil.which("systemd-nspawn")
+        if program is None:
+            raise DelegateError(f"{rid}: systemd-nspawn is not installed on this host (Debian: systemd-container)")
+        for mount in spec.mounts:
+            if not Path(mount.source).exists():
+                raise DelegateError(f"{rid}: the source of the mount on {mount.target!r}, {mount.source!r}, does "
+                                    "not exist on this host")
+        markers = {RESOURCE_MARKER: str(rid), SPEC_HASH_MARKER: resource.spec_hash, HOST_MARKER: self.context.host,
+                   DELEGATE_MARKER: _NAME}
+        argv = nspawn_command(program, str(root), spec, markers)
+        log_path = self.log_path(rid)
+        try:
+            log_path.parent.mkdir(parents=True, exist_ok=True)
+            log = log_path.open("ab")  # appended to: a restart keeps what came before
+        except OSError as e:
+            raise DelegateError(f"{rid}: cannot make its log {str(log_path)!r}: {e}") from e
+        with log:
+            log_start = log.tell()
+            try:
+                popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                         cwd="/", env={**_base_environment(), **markers}, start_new_session=True,
+                                         close_fds=True)
+            except OSError as e:
+                raise DelegateError(f"{rid}: cannot start systemd-nspawn: {e.strerror}") from e
+        return popen, log_path, log_start
+
+    # --- stopping ---
+
+    async def _stop(self, resource: Resource, live: Live | None, stop_timeout: float) -> None:
+        """Stop every container of ``resource`` on this host: the recorded ones, and any a scan finds."""
+        rid = resource.id
+        self._reap_children(rid)
+        handles = [h for h in (live.handle if live else None, resource.handle) if h]
+        targets = {found.stat.pid: found.stat for handle in handles if (found := self._from_handle(rid, handle))}
+        if not targets:
+            targets = {f.stat.pid: f.stat for f in await asyncio.to_thread(self._scan, rid)}
+        await asyncio.gather(*(self._stop_one(rid, stat, stop_timeout) for stat in targets.values()))
+        self._exits.pop(rid, None)
+
+    async def _stop_one(self, rid: ResourceId, stat: procfs.ProcStat, stop_timeout: float) -> None:
+        pid = stat.pid
+        self._unwatch(pid)  # a stop we make is not news for watch()
+        try:
+            pidfd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            return
+        try:
+            if (now := self._ours(procfs.read_stat(pid), rid)) is None or now.stat.start_time != stat.start_time:
+                return  # ended (and its pid perhaps reused) since it was found
+            leader = await asyncio.to_thread(_leader, pid)
+            command = None if leader is None or _boots(pid) else await asyncio.to_thread(_command, leader)
+            if command is not None:
+                _signal_exactly(command, signal.SIGTERM)
+            elif leader is not None:  # booted; or the command has ended, and nothing is left to wait for
+                _signal_exactly(leader, _BOOT_SHUTDOWN if _boots(pid) else signal.SIGKILL)
+            else:  # still setting the container up: nspawn passes its --kill-signal on once there is a leader
+                signal.pidfd_send_signal(pidfd, signal.SIGTERM)
+            if not await ended_within(pidfd, stop_timeout):
+                # SIGKILL to the leader ends every process in its pid namespace; nspawn then ends by itself.
+                leader = await asyncio.to_thread(_leader, pid)
+                if leader is not None:
+                    _signal_exactly(leader, signal.SIGKILL)
+                if not await ended_within(pidfd, _KILL_WAIT):
+                    with suppress(ProcessLookupError):
+                        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+                    if not await ended_within(pidfd, _KILL_WAIT):
+                        raise DelegateError(f"systemd-nspawn {pid} of {rid} did not end {_KILL_WAIT:g} s after "
+                                            "SIGKILL (is it stuck in the kernel?)")
+        finally:
+            os.close(pidfd)
+        self._reap(pid)
+
+    # --- children and watches ---
+
+    def _reap(self, pid: int) -> None:
+        child = _CHILDREN.get(pid)
+        if child is None or (returncode := child.popen.poll()) is None:
+            return
+        del _CHILDREN[pid]
+        if child.host == self.context.host:
+            self._exits[child.rid] = _Exit(pid, child.spec_hash, returncode)
+
+    def _reap_children(self, rid: ResourceId | None = None) -> None:
+        for pid, child in list(_CHILDREN.items()):
+            if rid is None or child.rid == rid:
+                self._reap(pid)
+
+    def _watch(self, rid: ResourceId, stat: procfs.ProcStat) -> None:
+        if self._closed or stat.pid in self._watched:
+            return
+        try:
+            pidfd = os.pidfd_open(stat.pid)
+        except ProcessLookupError:
+            self._events.put_nowait(rid)
+            return
+        now = procfs.read_stat(stat.pid)
+        if now is None or now.start_time != stat.start_time:
+            os.close(pidfd)
+            self._events.put_nowait(rid)
+            return
+        loop = asyncio.get_running_loop()
+        loop.add_reader(pidfd, self._on_exit, stat.pid)
+        self._watched[stat.pid] = _Watch(rid, pidfd, loop)
+
+    def _unwatch(self, pid: int) -> _Watch | None:
+        watch = self._watched.pop(pid, None)
+        if watch is not None:
+            watch.loop.remove_reader(watch.pidfd)
+            os.close(watch.pidfd)
+        return watch
+
+    def _on_exit(self, pid: int) -> None:
+        watch = self._unwatch(pid)
+        if watch is not None:
+            self._reap(pid)
+            self._events.put_nowait(watch.rid)
