@@ -112,8 +112,13 @@ def _environment(topology: Topology, node: Node, rid: ResourceId) -> dict[str, A
         "KHUTULUN_NAMESPACE": rid.namespace, "KHUTULUN_SERVICE": rid.service, "KHUTULUN_NODE": node.name,
         "KHUTULUN_INSTANCE": str(rid.index),
     }
+    bridged = node.kind is NodeKind.CONTAINER and node.properties.get("network", "bridge") == "bridge"
     for cap in node.endpoints():
         prefix = f"KHUTULUN_{env_name(cap.name)}"
+        if bridged:  # inside its own network, a container binds every address, on the port published to
+            env[f"{prefix}_ADDRESS"] = "0.0.0.0"
+            env[f"{prefix}_PORT"] = Concat((_container_port(node, cap.name),))
+            continue
         env[f"{prefix}_ADDRESS"] = Concat((AttributeRef(node.name, "address", cap.name),))
         env[f"{prefix}_PORT"] = Concat((AttributeRef(node.name, "port", cap.name),))
     for req in node.requirements:
@@ -159,10 +164,16 @@ def _mounts(topology: Topology, node: Node) -> list[dict[str, Any]]:
     return mounts
 
 
+def _container_port(node: Node, capability: str) -> Any:
+    """The port inside a container that an endpoint leads to: its target_port, else the port reserved."""
+    target = next((c.properties.get("target_port") for c in node.endpoints() if c.name == capability), None)
+    return target or AttributeRef(node.name, "port", capability)
+
+
 def _ports(node: Node) -> list[dict[str, Any]]:
     return [{"name": cap.name, "host_address": Concat((AttributeRef(node.name, "address", cap.name),)),
              "host_port": AttributeRef(node.name, "port", cap.name),
-             "container_port": cap.properties.get("target_port") or AttributeRef(node.name, "port", cap.name),
+             "container_port": _container_port(node, cap.name),
              "protocol": str(cap.properties.get("protocol") or "tcp")} for cap in node.endpoints()]
 
 
@@ -187,7 +198,8 @@ def _spec(topology: Topology, node: Node, rid: ResourceId, site: Site) -> dict[s
                 "rootfs_archive": _artifact(node, site, "khutulun.artifacts.RootFilesystem"),
                 "command": props.get("command"), "environment": _environment(topology, node, rid),
                 "ports": _ports(node), "mounts": _mounts(topology, node), "cpus": props.get("cpus"),
-                "memory": props.get("memory"), "stop_timeout": stop_timeout}
+                "memory": props.get("memory"), "stop_timeout": stop_timeout,
+                "network": str(props.get("network") or "bridge")}
     if node.kind is NodeKind.SYSTEM_CONTAINER:
         return {"root": props.get("root"), "rootfs_archive": _artifact(node, site, "khutulun.artifacts.RootFilesystem"),
                 "command": props.get("command"), "boot": bool(props.get("boot")),

@@ -55,7 +55,15 @@ class Situation:
     """Attributes by resource: placement's, then what delegates reported. Change it with :meth:`learn`."""
     ready: set[ResourceId] = field(default_factory=set)
     """Resources whose ready conditions passed during this convergence."""
+    artifacts: dict[str, str] = field(default_factory=dict)
+    """Stored artifact path → the file the template named, so that messages speak of the user's file."""
     _resolved: dict[ResourceId, tuple[dict[str, Any] | None, str | None]] = field(default_factory=dict)
+
+    def in_user_terms(self, message: str) -> str:
+        """``message`` with each stored artifact's path replaced by the file the template gave."""
+        for stored, name in self.artifacts.items():
+            message = message.replace(f"'{stored}'", f"artifact file {name!r}").replace(stored, name)
+        return message
 
     def learn(self, rid: ResourceId, attributes: dict[str, Any] | None) -> None:
         """What a step found out (or, with None, that the resource is gone): specs resolve anew after it."""
@@ -162,18 +170,23 @@ class Converger:
             listing = await self.listing()
         host = self.ctx.host
         wanted: list[DesiredResource] = []
+        stored: dict[str, str] = {}
         if record is not None and record.status is not ServiceStatus.DESTROYING:
-            site = Site(self.ctx.shared_root, {name: str(self.ctx.store.artifact_path(namespace, service, digest))
-                                               for name, digest in record.artifacts.items()})
-            wanted = desired_resources(namespace, service, record.topology, record.placement, site=site)
+            stored = {name: str(self.ctx.store.artifact_path(namespace, service, digest))
+                      for name, digest in record.artifacts.items()}
+            wanted = desired_resources(namespace, service, record.topology, record.placement,
+                                       site=Site(self.ctx.shared_root, stored))
         known: dict[ResourceId, dict[str, Any]] = {}
         for d in wanted:
             known[d.id] = dict(d.attributes)
         for rid, r in prior.items():
-            known[rid] = {**known.get(rid, {}), **r.attributes}
+            # What a delegate reported (a path, a pid) comes from the record; where the instance is (host,
+            # address, ports) from the placement wanted now, which a record of an earlier revision may predate.
+            known[rid] = {**r.attributes, **known.get(rid, {})}
         desired = {d.id: d for d in wanted if d.host == host}
         mine = {rid: r for rid, r in prior.items() if r.host == host}
-        situation = Situation(namespace, service, record, desired, mine, {}, [], known)
+        situation = Situation(namespace, service, record, desired, mine, {}, [], known,
+                              artifacts={path: name for name, path in stored.items()})
         accounted = set(desired) | set(mine)
         for rid in accounted:
             situation.live[rid] = await self._inspect(situation, rid, listing)
@@ -283,12 +296,13 @@ class Converger:
         try:
             live = await delegate.apply(resource, before)
         except DelegateError as e:
-            failed = self._record(situation, wanted, spec, digest, Live(LiveState.FAILED, None, message=e.message),
+            message = situation.in_user_terms(e.message)
+            failed = self._record(situation, wanted, spec, digest, Live(LiveState.FAILED, None, message=message),
                                   prior)
             await self._write(situation, (self.ctx.store.write_resource, (failed,)),
-                              self._event(situation, "fail", f"{step.action.value} failed: {e.message}", step.id))
+                              self._event(situation, "fail", f"{step.action.value} failed: {message}", step.id))
             situation.prior[wanted.id] = failed
-            raise
+            raise DelegateError(message) from e
         exposed = [str(p) for p in wanted.exposed]
         said = [await self.firewall.open(exposed)] if exposed else []
         record = replace(self._record(situation, wanted, spec, digest, live, prior, restarted=restart),

@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
+PASSED = frozenset({"KHUTULUN_PODMAN_SOCKET", "KHUTULUN_DOCKER_SOCKET"})
+"""Settings of this machine's runtimes (scripts/setup-containers) that the agents under test use too."""
 
 
 @dataclass(frozen=True)
@@ -57,7 +59,7 @@ class Agent:
         self.host = host or f"t-{uuid.uuid4().hex[:8]}"
         self.log = self.root / "agent.log"
         self.env = {
-            **{k: v for k, v in os.environ.items() if not k.startswith("KHUTULUN_")},
+            **{k: v for k, v in os.environ.items() if not k.startswith("KHUTULUN_") or k in PASSED},
             "KHUTULUN_DATA_DIR": str(self.root / "data"),
             "KHUTULUN_STATE_DIR": str(self.root / "state"),
             "KHUTULUN_HOST_NAME": self.host,
