@@ -18,6 +18,10 @@ The file is ``$KHUTULUN_CONFIG``, or ``$XDG_CONFIG_HOME/khutulun/config.toml`` i
     namespace = "default"
     port_range = [20000, 32000]
     reconcile_interval = 1.0
+    gossip = "10.0.0.5:7946"           # join a cluster: gossip here (needs listen, token_file, gossip_secret_file)
+    seeds = ["10.0.0.1:7946"]
+    gossip_secret_file = "/etc/khutulun/gossip.key"
+    labels = {zone = "a"}
     [timeouts]
     parse = 60.0
 
@@ -74,6 +78,18 @@ class Config:
     step_concurrency: int = 32
     firewall_zone: str = "public"
     """The firewalld zone exposed endpoints are opened in."""
+    gossip: str | None = None
+    """Where this agent's gossip listens (``host:port``); None: a cluster of this host alone, no gossip."""
+    gossip_advertise: str | None = None
+    """The ``host:port`` other hosts reach this one's gossip at, when ``gossip`` binds a wildcard address."""
+    seeds: tuple[str, ...] = ()
+    """Gossip addresses of hosts to join through."""
+    gossip_secret_file: Path | None = None
+    """The cluster's gossip secret (required with ``gossip``; readable by the agent's user only)."""
+    labels: Mapping[str, str] = field(default_factory=dict)
+    """This host's labels, for Placement policies (``zone = "a"``; in the environment ``zone=a,disk=ssd``)."""
+    failover_grace: float = 10.0
+    """Seconds a host must stay dead before its instances are placed again elsewhere."""
     timeouts: Timeouts = field(default_factory=Timeouts)
     source: Path | None = None
     """The configuration file that was read, if any."""
@@ -128,8 +144,8 @@ def _config_file(env: Mapping[str, str]) -> Path | None:
     return candidate if candidate.is_file() else None
 
 
-_PATHS = {"data_dir", "state_dir", "socket", "token_file"}
-_FLOATS = {"reconcile_interval", "restart_backoff_max", "restart_backoff_reset"}
+_PATHS = {"data_dir", "state_dir", "socket", "token_file", "gossip_secret_file"}
+_FLOATS = {"reconcile_interval", "restart_backoff_max", "restart_backoff_reset", "failover_grace"}
 _INTS = {"step_concurrency"}
 
 
@@ -141,6 +157,13 @@ def _convert(key: str, value: Any, where: str) -> Any:
             return float(value)
         if key in _INTS:
             return int(value)
+        if key == "seeds":
+            items = value.split(",") if isinstance(value, str) else list(value)
+            return tuple(str(item).strip() for item in items if str(item).strip())
+        if key == "labels":
+            pairs = (dict(item.split("=", 1) for item in value.split(",") if item.strip())
+                     if isinstance(value, str) else dict(value))
+            return {str(k).strip(): str(v).strip() for k, v in pairs.items()}
         if key == "port_range":
             low, high = (value.split("-", 1) if isinstance(value, str) else value)
             low, high = int(low), int(high)

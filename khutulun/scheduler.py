@@ -145,10 +145,11 @@ class _Placer:
         """A Colocation or Separation policy → the hosts its instances use so far."""
         self.service_count: Counter[str] = Counter()
 
-    def candidates(self, node: Node) -> tuple[list[HostInfo], list[str]]:
-        """The hosts that may take an instance of ``node`` now, and why the others may not."""
+    def candidates(self, node: Node, placed_on: str | None = None) -> tuple[list[HostInfo], list[str]]:
+        """The hosts that may take an instance of ``node`` now, and why the others may not. An ineligible host
+        keeps what is placed on it (``placed_on``): eligibility keeps new instances away; a drain moves them."""
         out: list[str] = []
-        found = [h for h in self.hosts if h.eligible]
+        found = [h for h in self.hosts if h.eligible or h.name == placed_on]
         if len(found) < len(self.hosts):
             out.append(f"{len(self.hosts) - len(found)} not eligible")
         rule = self.rules.allowed.get(node.name)
@@ -189,7 +190,7 @@ class _Placer:
         return sum(free) / len(free) - 0.25 * self.service_count[host.name]
 
     def choose(self, node: Node, index: int, prior: InstancePlacement | None) -> tuple[HostInfo, str]:
-        found, ruled_out = self.candidates(node)
+        found, ruled_out = self.candidates(node, prior.host if prior else None)
         if not found:
             why = "; ".join(ruled_out) or "there are no hosts"
             raise PlacementError(f"cannot place {node.name}/{index}: of {len(self.hosts)} hosts, {why}")

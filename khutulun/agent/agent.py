@@ -15,20 +15,25 @@ import logging
 import os
 import socket
 from collections.abc import Coroutine
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
+from khutulun import __version__
 from khutulun.agent.api import make_app
 from khutulun.agent.context import AgentContext
 from khutulun.agent.converge import Converger
+from khutulun.agent.failover import Mover
+from khutulun.agent.hosts import HostsView
 from khutulun.agent.operations import Operations, host_record
 from khutulun.agent.reconcile import Reconciler
+from khutulun.cluster import Cluster, ClusterSettings, HostMetadata
 from khutulun.config import Config
 from khutulun.delegates import DelegateContext, delegate_classes
 from khutulun.errors import InvalidInputError, KhutulunError, StateError
-from khutulun.state import StateStore
+from khutulun.state import HostRecord, StateStore
 
 __all__ = ["Agent"]
 
@@ -109,6 +114,20 @@ class Agent:
             await web.TCPSite(runner, host or "0.0.0.0", int(port)).start()
         return runner
 
+    def _cluster(self, ctx: AgentContext, record: HostRecord) -> Cluster | None:
+        """The cluster this agent gossips in, when it is configured to (``gossip``); None: a cluster of one."""
+        config = self.config
+        if not config.gossip:
+            return None
+        if not config.listen or config.gossip_secret_file is None:
+            raise InvalidInputError("joining a cluster (gossip) needs listen and token_file (other agents call "
+                                    "this one's API) and gossip_secret_file")
+        settings = ClusterSettings(secret_file=config.gossip_secret_file, bind=config.gossip,
+                                   advertise=config.gossip_advertise, seeds=config.seeds)
+        return Cluster(settings, HostMetadata(name=ctx.host, api=record.api, address=record.address, cpus=record.cpus,
+                                              memory=record.memory, labels=dict(record.labels),
+                                              eligible=record.eligible, version=__version__))
+
     async def run(self) -> None:
         config = self.config
         if config.listen and config.token_file is None:
@@ -119,11 +138,25 @@ class Agent:
         await asyncio.to_thread(store.initialize)
         ctx = AgentContext(config, store, config.host_name)
         await self._load_delegates(ctx)
+        previous = await asyncio.to_thread(store.host, ctx.host)
+        # A drained host stays drained across restarts of its agent: eligibility is the shared state's.
+        record = replace(host_record(ctx), eligible=previous.eligible if previous else True)
+        await asyncio.to_thread(store.write_host, record)
+        async with contextlib.AsyncExitStack() as stack:
+            cluster = self._cluster(ctx, record)
+            if cluster is not None:
+                await stack.enter_async_context(cluster)
+            await self._run(ctx, cluster, token)
+
+    async def _run(self, ctx: AgentContext, cluster: Cluster | None, token: str | None) -> None:
+        config = self.config
+        hosts = HostsView(ctx, cluster)
         converger = Converger(ctx)
-        operations = Operations(ctx, converger)
+        operations = Operations(ctx, converger, hosts)
         self.reconciler = Reconciler(ctx, converger, operations)
-        await asyncio.to_thread(store.write_host, host_record(ctx))
-        app = make_app(operations, stop_agent=self.request_stop, spawn=self.spawn, token=token)
+        mover = Mover(ctx, hosts)
+        app = make_app(operations, stop_agent=self.request_stop, spawn=self.spawn, token=token, mover=mover,
+                       cluster=cluster)
         runner = await self._serve(app)
         config.pid_file.write_text(f"{os.getpid()}\n")
         log.info("agent for host %s ready on %s (state in %s)", ctx.host, config.socket, config.state_dir)
@@ -131,11 +164,15 @@ class Agent:
             async with asyncio.TaskGroup() as group:
                 self._group = group
                 loops = [group.create_task(self.reconciler.run(), name="reconcile")]
+                if cluster is not None:
+                    loops.append(group.create_task(mover.watch(), name="failover"))
                 for delegate in ctx.delegates.values():
                     if delegate.capabilities.watch:
                         loops.append(group.create_task(self.reconciler.watch(delegate), name=f"watch {delegate.name}"))
                 await self._stop.wait()
                 log.info("stopping: workloads keep running")
+                if cluster is not None:
+                    await cluster.leave()  # the others see this host left, not dead: nothing moves
                 await runner.cleanup()
                 for task in loops:
                     task.cancel()

@@ -18,21 +18,27 @@ import hmac
 import json
 import logging
 from collections.abc import Awaitable, Callable, Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from aiohttp import WSMsgType, web
 
 from khutulun import __version__, codec
+from khutulun.agent.failover import Mover
+from khutulun.agent.hosts import HostView
 from khutulun.agent.operations import DeployResult, Operations, plan_json
 from khutulun.bundle import Bundle
+from khutulun.client import Client
+from khutulun.cluster import Cluster
 from khutulun.errors import (
+    AgentUnavailableError,
     InternalError,
     InvalidInputError,
     KhutulunError,
     NotFoundError,
 )
 from khutulun.resources import Resource, check_name
+from khutulun.state import ResourceRecord
 
 __all__ = ["HOOKS", "OPERATIONS", "AgentHooks", "make_app"]
 
@@ -46,6 +52,8 @@ class AgentHooks:
 
     stop: Callable[[], None]
     spawn: Callable[[Coroutine[Any, Any, Any]], asyncio.Task[Any]]
+    mover: Mover
+    cluster: Cluster | None
 
 
 OPERATIONS = web.AppKey("operations", Operations)
@@ -216,12 +224,17 @@ async def outputs(request: web.Request) -> web.Response:
 
 async def events(request: web.Request) -> web.Response:
     namespace, service = _names(request)
-    limit = int(request.query.get("limit", "50"))
-    found = await request.app[OPERATIONS].ctx.io(request.app[OPERATIONS].ctx.store.events, namespace, service, limit)
+    try:
+        limit = int(request.query.get("limit", "50"))
+    except ValueError as e:
+        raise InvalidInputError(f"limit {request.query['limit']!r} is not a number") from e
+    ops = request.app[OPERATIONS]
+    await ops.service(namespace, service)  # a service that is not there says so, rather than having no events
+    found = await ops.ctx.io(ops.ctx.store.events, namespace, service, limit)
     return web.json_response({"events": codec.dump(found)})
 
 
-async def _local_resource(request: web.Request) -> tuple[Operations, Resource]:
+async def _instance(request: web.Request) -> tuple[Operations, ResourceRecord]:
     namespace, service = _names(request)
     node = request.match_info["node"]
     try:
@@ -229,14 +242,78 @@ async def _local_resource(request: web.Request) -> tuple[Operations, Resource]:
     except ValueError as e:
         raise InvalidInputError(f"{request.match_info['index']!r} is not an instance index") from e
     ops = request.app[OPERATIONS]
-    record = await ops.resource(namespace, service, node, index)
-    if record.host != ops.ctx.host:
-        raise NotFoundError(f"{node}/{index} runs on host {record.host!r}; ask its agent")
-    return ops, Resource(record.id, record.delegate, record.host, record.spec, record.spec_hash, record.handle)
+    return ops, await ops.resource(namespace, service, node, index)
+
+
+def _resource(record: ResourceRecord) -> Resource:
+    return Resource(record.id, record.delegate, record.host, record.spec, record.spec_hash, record.handle)
+
+
+def _agent_of(ops: Operations, record: ResourceRecord) -> Client:
+    """A client of the agent that runs ``record``'s instance, on another host: logs and exec are relayed there,
+    so that any agent answers for every instance, as it does for deploys."""
+    api = ops.hosts.api(record.host)
+    if api is None:
+        raise AgentUnavailableError(f"{record.id.instance} runs on host {record.host!r}, whose agent is not "
+                                    "available in the cluster now ('khutulun host list' shows it)")
+    return Client(api, token=ops.ctx.config.token(), connect_timeout=5.0)
+
+
+async def _relay_logs(request: web.Request, client: Client) -> web.StreamResponse:
+    response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+    async with client:
+        chunks = client.raw(request.path, **request.query)
+        # The other agent's errors (no such instance, no logs) surface before the first chunk: answer them
+        # as errors of our own, which the error middleware can do only while nothing was sent.
+        first = await anext(aiter(chunks), None)
+        await response.prepare(request)
+        if first is not None:
+            await response.write(first)
+            async for chunk in chunks:
+                await response.write(chunk)
+    await response.write_eof()
+    return response
+
+
+async def _relay_exec(request: web.Request, client: Client) -> web.WebSocketResponse:
+    async with client:
+        remote = await client.websocket(request.path)
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+
+        async def upstream() -> None:
+            async for message in ws:
+                if message.type is WSMsgType.BINARY:
+                    await remote.send_bytes(message.data)
+                elif message.type is WSMsgType.TEXT:
+                    await remote.send_str(message.data)
+                else:
+                    break
+            await remote.close()
+
+        forwarder = asyncio.create_task(upstream(), name="exec relay")
+        try:
+            async for message in remote:  # the other agent's output, until it says the command ended
+                if message.type is WSMsgType.TEXT:
+                    await ws.send_str(message.data)
+                elif message.type is WSMsgType.BINARY:
+                    await ws.send_bytes(message.data)
+                else:
+                    break
+        finally:
+            forwarder.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await forwarder
+            await remote.close()
+            await ws.close()
+    return ws
 
 
 async def logs(request: web.Request) -> web.StreamResponse:
-    ops, resource = await _local_resource(request)
+    ops, record = await _instance(request)
+    if record.host != ops.ctx.host:
+        return await _relay_logs(request, _agent_of(ops, record))
+    resource = _resource(record)
     delegate = ops.ctx.delegate(resource.delegate)
     tail = request.query.get("tail")
     chunks = delegate.logs(resource, follow=request.query.get("follow", "") in ("1", "true"),
@@ -259,7 +336,10 @@ async def exec_(request: web.Request) -> web.StreamResponse:
     binary messages are its stdin, ``{"eof": true}`` closes stdin and ``{"resize": [rows, cols]}`` resizes.
     The agent sends output as text messages ``{"stream": "stdout", "data": base64}`` and ends with
     ``{"exit": code}``."""
-    ops, resource = await _local_resource(request)
+    ops, record = await _instance(request)
+    if record.host != ops.ctx.host:
+        return await _relay_exec(request, _agent_of(ops, record))
+    resource = _resource(record)
     delegate = ops.ctx.delegate(resource.delegate)
     ws = web.WebSocketResponse()
     await ws.prepare(request)
@@ -349,20 +429,74 @@ async def delist_template(request: web.Request) -> web.Response:
 
 async def hosts(request: web.Request) -> web.Response:
     ops = request.app[OPERATIONS]
-    return web.json_response({"hosts": codec.dump(await ops.ctx.io(ops.ctx.store.hosts))})
+
+    def gather() -> list[HostView]:
+        return ops.hosts.views(ops.ctx.store.read_all_services())
+
+    return web.json_response({"hosts": codec.dump(await ops.ctx.io(gather))})
+
+
+async def add_host(request: web.Request) -> web.Response:
+    data = await _body(request)
+    cluster = request.app[HOOKS].cluster
+    if cluster is None:
+        raise InvalidInputError("this agent is not in a cluster (set gossip, seeds and gossip_secret_file)")
+    address = str(data.get("address", ""))
+    await cluster.add_peer(address)
+    return web.json_response({"added": address})
+
+
+def _set_eligible(ops: Operations, name: str, eligible: bool) -> None:
+    store = ops.ctx.store
+    record = store.host(name)
+    if record is None:
+        raise NotFoundError(f"there is no host {name!r} (khutulun host list shows them)")
+    store.write_host(replace(record, eligible=eligible))
+
+
+async def drain_host(request: web.Request) -> web.Response:
+    ops, hooks, name = request.app[OPERATIONS], request.app[HOOKS], request.match_info["name"]
+    await ops.ctx.io(_set_eligible, ops, name, False)
+    if hooks.cluster is not None and name == ops.ctx.host:
+        hooks.cluster.update_metadata(eligible=False)
+    moved = await ops.ctx.io(hooks.mover.move_off, name, f"host {name} is drained")
+    return web.json_response({"host": name, "eligible": False, "moved": [str(rid) for rid in moved]})
+
+
+async def host_eligibility(request: web.Request) -> web.Response:
+    ops, hooks, name = request.app[OPERATIONS], request.app[HOOKS], request.match_info["name"]
+    eligible = bool((await _body(request)).get("eligible"))
+    await ops.ctx.io(_set_eligible, ops, name, eligible)
+    if hooks.cluster is not None and name == ops.ctx.host:
+        hooks.cluster.update_metadata(eligible=eligible)
+    return web.json_response({"host": name, "eligible": eligible})
+
+
+async def converge(request: web.Request) -> web.StreamResponse:
+    """Converge this host's part of a service now: what the agent that took a deploy asks the others."""
+    namespace, service = _names(request)
+    purge = bool((await _body(request)).get("purge"))
+    ops = request.app[OPERATIONS]
+    return await _stream(request, lambda listener: ops.converge_here(namespace, service, purge=purge,
+                                                                     listener=listener))
 
 
 def make_app(operations: Operations, *, stop_agent: Callable[[], None],
-             spawn: Callable[[Coroutine[Any, Any, Any]], asyncio.Task[Any]], token: str | None) -> web.Application:
-    app = web.Application(middlewares=[authenticate(token), errors], client_max_size=64 * 1024 * 1024)
+             spawn: Callable[[Coroutine[Any, Any, Any]], asyncio.Task[Any]], token: str | None, mover: Mover,
+             cluster: Cluster | None) -> web.Application:
+    app = web.Application(middlewares=[authenticate(token), errors], client_max_size=256 * 1024 * 1024)
     app[OPERATIONS] = operations
-    app[HOOKS] = AgentHooks(stop_agent, spawn)
+    app[HOOKS] = AgentHooks(stop_agent, spawn, mover, cluster)
     service = "/v1/namespaces/{namespace}/services/{service}"
     instance = service + "/instances/{node}/{index}"
     app.add_routes([
         web.get("/v1/health", health),
         web.post("/v1/agent/stop", stop),
         web.get("/v1/hosts", hosts),
+        web.post("/v1/hosts", add_host),
+        web.post("/v1/hosts/{name}/drain", drain_host),
+        web.post("/v1/hosts/{name}/eligibility", host_eligibility),
+        web.post(service + "/converge", converge),
         web.get("/v1/namespaces", namespaces),
         web.post("/v1/namespaces/{namespace}/validate", validate),
         web.get("/v1/namespaces/{namespace}/services", services),

@@ -7,29 +7,33 @@ loop, and a second deploy of the same template finds nothing left to do.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from khutulun import __version__, codec
 from khutulun.agent.context import AgentContext
 from khutulun.agent.converge import Convergence, Converger, Listener
+from khutulun.agent.hosts import HostsView
+from khutulun.agent.remote import converge_remote
 from khutulun.bundle import Bundle
-from khutulun.errors import DelegateError, InvalidInputError, NotFoundError, StaleIndexError
+from khutulun.config import Config
+from khutulun.errors import DelegateError, InvalidInputError, KhutulunError, NotFoundError, StaleIndexError
 from khutulun.expressions import Unknown, resolve
 from khutulun.instances import Attributes, delegate_for, desired_resources
 from khutulun.model import Topology
 from khutulun.plan import Action, Plan
-from khutulun.resources import ResourceId, check_name
+from khutulun.resources import LiveState, ResourceId, check_name
 from khutulun.scheduler import HostInfo, Placement, PortRequest, place
 from khutulun.state import Event, HostRecord, ResourceRecord, ServiceRecord, ServiceStatus
 from khutulun.tosca import load_bundle
 
-__all__ = ["DeployResult", "Operations", "host_record", "port_is_free"]
+__all__ = ["DeployResult", "Operations", "api_url", "host_record", "port_is_free"]
 
 
 def port_is_free(port: int, protocol: str) -> bool:
@@ -54,10 +58,19 @@ def _memory() -> int:
     return 0
 
 
+def api_url(config: Config) -> str:
+    """How other agents reach this one: its TCP listener (at this host's address when it listens on every
+    address), else its unix socket (reachable from this host only)."""
+    if not config.listen:
+        return config.agent_url
+    host, _, port = config.listen.rpartition(":")
+    return f"http://{config.host_address if host in ('', '0.0.0.0', '::', '[::]') else host}:{port}"
+
+
 def host_record(ctx: AgentContext) -> HostRecord:
     config = ctx.config
-    return HostRecord(name=ctx.host, address=config.host_address, api=config.agent_url if not config.listen
-                      else f"http://{config.listen}", cpus=float(os.cpu_count() or 1), memory=_memory(),
+    return HostRecord(name=ctx.host, address=config.host_address, api=api_url(config),
+                      cpus=float(os.cpu_count() or 1), memory=_memory(), labels=dict(config.labels),
                       version=__version__, pid=os.getpid(), started_at=time.time(), port_range=config.port_range)
 
 
@@ -66,17 +79,22 @@ class DeployResult:
     revision: int
     status: ServiceStatus
     convergence: Convergence
+    """This host's part."""
+    elsewhere: list[dict[str, Any]] = field(default_factory=list)
+    """What failed on other hosts, as their agents reported it."""
 
     def summary(self) -> dict[str, Any]:
         return {"revision": self.revision, "status": self.status.value,
-                "failed": [{"instance": r.step.id.instance, "action": r.step.action.value, "outcome": r.outcome.value,
-                            "message": r.message} for r in self.convergence.failed]}
+                "failed": [{"instance": r.step.id.instance, "host": r.step.host, "action": r.step.action.value,
+                            "outcome": r.outcome.value, "message": r.message} for r in self.convergence.failed]
+                + self.elsewhere}
 
 
 class Operations:
-    def __init__(self, ctx: AgentContext, converger: Converger) -> None:
+    def __init__(self, ctx: AgentContext, converger: Converger, hosts: HostsView) -> None:
         self.ctx = ctx
         self.converger = converger
+        self.hosts = hosts
 
     # -- templates and placement ----------------------------------------------------------------------
 
@@ -104,11 +122,6 @@ class Operations:
         _, registered = await self.ctx.io(self.ctx.store.template, namespace, template)
         return registered
 
-    def hosts(self) -> list[HostInfo]:
-        """The hosts placement may choose from: this one (a cluster of one until membership comes)."""
-        config = self.ctx.config
-        return [HostInfo(self.ctx.host, config.host_address)]
-
     def _place(self, namespace: str, service: str, topology: Topology, prior: Placement | None, *,
                reserve: bool) -> Placement:
         ids = {(node, i): str(ResourceId(namespace, service, node, i))
@@ -120,7 +133,8 @@ class Operations:
             is_free = port_is_free if host.name == self.ctx.host else None
             return self.ctx.store.reserve_ports(host.name, self.ctx.config.port_range, requests, is_free)
 
-        return place(topology, self.hosts(), prior, allocate, ids, service=f"{namespace}/{service}")
+        others = [s for s in self.ctx.store.read_all_services() if (s.namespace, s.name) != (namespace, service)]
+        return place(topology, self.hosts.placeable(others), prior, allocate, ids, service=f"{namespace}/{service}")
 
     # -- preview, deploy, destroy ---------------------------------------------------------------------
 
@@ -149,15 +163,55 @@ class Operations:
                                        check_index, template)
             if listener:
                 listener({"event": "revision", "revision": record.revision})
-            resources = await self.ctx.io(self.ctx.store.resources, namespace, service)
+            convergence, elsewhere = await self._converge_everywhere(record, listener)
+            failed = bool(convergence.failed or elsewhere)
+            status = ServiceStatus.FAILED if failed else ServiceStatus.DEPLOYED
+            await self.ctx.io(self._finish, namespace, service, record.revision, status, convergence, elsewhere)
+        return DeployResult(record.revision, status, convergence, elsewhere)
+
+    async def converge_here(self, namespace: str, service: str, *, purge: bool = False,
+                            listener: Listener | None = None) -> DeployResult:
+        """Converge this host's part of a service now (what another agent asks during a deploy or destroy)."""
+        async with self.converger.exclusive(namespace, service):
+            snapshot = await self.ctx.io(self.ctx.store.snapshot, namespace, service)
+            record = snapshot.service
+            situation = await self.converger.situation(namespace, service, record, snapshot.resources)
+            plan = self.converger.plan(situation)
+            if listener:
+                listener({"event": "plan", "host": self.ctx.host, "plan": plan_json(plan)})
+            convergence = await self.converger.run(situation, plan, purge=purge, listener=listener)
+        return DeployResult(record.revision if record else 0, record.status if record else ServiceStatus.DESTROYING,
+                            convergence)
+
+    async def _converge_everywhere(self, record: ServiceRecord, listener: Listener | None, *, purge: bool = False
+                                   ) -> tuple[Convergence, list[dict[str, Any]]]:
+        """Converge this host's part, and ask the agent of every other host with a part to converge its own, at
+        the same time; their progress comes through ``listener`` as ours does. A host whose agent cannot be
+        reached is a failure of this deploy (its reconcile loop converges it once it is back)."""
+        namespace, service = record.namespace, record.name
+        resources = await self.ctx.io(self.ctx.store.resources, namespace, service)
+        hosts = ({i.host for i in record.placement.instances} | {r.host for r in resources.values()}) - {self.ctx.host}
+
+        async def here() -> Convergence:
             situation = await self.converger.situation(namespace, service, record, resources)
             plan = self.converger.plan(situation)
             if listener:
-                listener({"event": "plan", "plan": plan_json(plan)})
-            convergence = await self.converger.run(situation, plan, listener=listener)
-            status = ServiceStatus.FAILED if convergence.failed else ServiceStatus.DEPLOYED
-            await self.ctx.io(self._finish, namespace, service, record.revision, status, convergence)
-        return DeployResult(record.revision, status, convergence)
+                listener({"event": "plan", "host": self.ctx.host, "plan": plan_json(plan)})
+            return await self.converger.run(situation, plan, purge=purge, listener=listener)
+
+        async def there(host: str) -> list[dict[str, Any]]:
+            api = self.hosts.api(host)
+            if api is None:
+                return [{"instance": "*", "host": host, "action": "converge", "outcome": "failed",
+                         "message": f"host {host} is not available; it converges when it is back"}]
+            try:
+                return await converge_remote(api, self.ctx.config.token(), namespace, service, purge, listener)
+            except KhutulunError as e:
+                return [{"instance": "*", "host": host, "action": "converge", "outcome": "failed",
+                         "message": f"host {host}: {e.message}"}]
+
+        local, *remote = await asyncio.gather(here(), *(there(h) for h in sorted(hosts)))
+        return local, [failure for failures in remote for failure in failures]
 
     def _write_desired(self, namespace: str, service: str, topology: Topology, bundle: Bundle,
                        inputs: Mapping[str, Any], check_index: int | None, template: str | None) -> ServiceRecord:
@@ -184,10 +238,11 @@ class Operations:
             return record
 
     def _finish(self, namespace: str, service: str, revision: int, status: ServiceStatus,
-                convergence: Convergence) -> None:
+                convergence: Convergence, elsewhere: list[dict[str, Any]]) -> None:
         """Record how a deploy ended, unless a newer one took over meanwhile."""
         store = self.ctx.store
-        message = "; ".join(f"{r.step.id.instance}: {r.message}" for r in convergence.failed)
+        message = "; ".join([*(f"{r.step.id.instance}: {r.message}" for r in convergence.failed),
+                             *(f"{f['instance']}: {f['message']}" for f in elsewhere)])
         with store.service_lock(namespace, service):
             current = store.read_service(namespace, service)
             if current is None or current.revision != revision:
@@ -200,15 +255,10 @@ class Operations:
                       listener: Listener | None = None) -> DeployResult:
         async with self.converger.exclusive(namespace, service):
             record = await self.ctx.io(self._mark_destroying, namespace, service)
-            resources = await self.ctx.io(self.ctx.store.resources, namespace, service)
-            situation = await self.converger.situation(namespace, service, record, resources)
-            plan = self.converger.plan(situation)
-            if listener:
-                listener({"event": "plan", "plan": plan_json(plan)})
-            convergence = await self.converger.run(situation, plan, purge=purge, listener=listener)
-            if not convergence.failed:
+            convergence, elsewhere = await self._converge_everywhere(record, listener, purge=purge)
+            if not convergence.failed and not elsewhere:
                 await self.ctx.io(self.remove_if_empty, namespace, service)
-        return DeployResult(record.revision, ServiceStatus.DESTROYING, convergence)
+        return DeployResult(record.revision, ServiceStatus.DESTROYING, convergence, elsewhere)
 
     def _mark_destroying(self, namespace: str, service: str) -> ServiceRecord:
         store = self.ctx.store
@@ -257,8 +307,12 @@ class Operations:
             rid = ResourceId(namespace, service, placed.node, placed.index)
             applied = snapshot.resources.get(rid)
             live = situation.live.get(rid) if placed.host == self.ctx.host else None
-            state = (live.state.value if live is not None else
-                     "missing" if placed.host == self.ctx.host else applied.state.value if applied else "pending")
+            if live is not None:
+                state = live.state.value
+            elif applied is not None and (applied.state is LiveState.FAILED or placed.host != self.ctx.host):
+                state = applied.state.value  # what failed says so (with its message) rather than "missing"
+            else:
+                state = "missing" if placed.host == self.ctx.host else "pending"
             delegate = delegate_for(record.topology.nodes[placed.node])
             found = self.ctx.delegates.get(delegate)
             instances.append({
@@ -303,7 +357,7 @@ class Operations:
 
 def evaluate_outputs(namespace: str, service: str, record: ServiceRecord,
                      resources: Mapping[ResourceId, ResourceRecord]) -> dict[str, Any]:
-    known = {d.id: {**d.attributes, **(resources[d.id].attributes if d.id in resources else {})}
+    known = {d.id: {**(resources[d.id].attributes if d.id in resources else {}), **d.attributes}
              for d in desired_resources(namespace, service, record.topology, record.placement)}  # attributes only
     lookup = Attributes(namespace, service, record.topology, known).lookup_for(0)
     out: dict[str, Any] = {}

@@ -16,6 +16,7 @@ import click
 from khutulun import __version__
 from khutulun.cli.agent import agent
 from khutulun.cli.context import CliState
+from khutulun.cli.host import host
 from khutulun.cli.namespace import namespace
 from khutulun.cli.render import show_error
 from khutulun.cli.service import COMMANDS
@@ -77,6 +78,7 @@ for command in COMMANDS:
 cli.add_command(template)
 cli.add_command(namespace)
 cli.add_command(agent)
+cli.add_command(host)
 
 
 def main() -> None:

@@ -290,6 +290,23 @@ def list_(state: CliState) -> None:
 
 @click.command()
 @click.argument("service")
+@click.option("--limit", "-n", type=int, default=50, show_default=True, help="How many of the latest events.")
+@pass_state
+def events(state: CliState, service: str, limit: int) -> None:
+    """What happened to a service: deploys, starts, restarts, failures, moves between hosts."""
+    data = state.with_client(lambda c: c.get(
+        f"/v1/namespaces/{state.namespace}/services/{service}/events?limit={limit}"))
+
+    def people() -> None:
+        table(state, ["WHEN", "KIND", "HOST", "INSTANCE", "MESSAGE"],
+              [[ago(e["time"]), e["kind"], e["host"], e["resource"].split("/", 2)[-1] if e["resource"] else "",
+                escape(e["message"])] for e in data["events"]])
+
+    emit(state, data["events"], people)
+
+
+@click.command()
+@click.argument("service")
 @pass_state
 def outputs(state: CliState, service: str) -> None:
     """Show the outputs of a service."""
@@ -386,4 +403,4 @@ def exec_(state: CliState, interactive: bool, tty: bool, service: str, instance:
     sys.exit(code)
 
 
-COMMANDS = [validate, preview, deploy, status, list_, outputs, logs, exec_, destroy]
+COMMANDS = [validate, preview, deploy, status, list_, events, outputs, logs, exec_, destroy]

@@ -373,6 +373,12 @@ class StateStore:
         """The services of every namespace."""
         return [record for namespace in self.namespaces() for record in self.services(namespace)]
 
+    def read_all_services(self) -> list[ServiceRecord]:
+        """The services of every namespace, each read without its lock: for a caller that holds one service's
+        lock and needs the others (locks are not reentrant). Each record is still whole (written by rename)."""
+        return [record for namespace in self.namespaces() for name in self._service_names(namespace)
+                if (record := self.read_service(namespace, name)) is not None]
+
     def write_service(self, record: ServiceRecord) -> None:
         """Write a service record. The caller holds the exclusive service lock.
 

@@ -44,3 +44,15 @@ def test_bad_settings_name_the_file_and_key(tmp_path: Path, content: str, messag
     path.write_text(content)
     with pytest.raises(InvalidInputError, match=message):
         load_config({"HOME": str(tmp_path), "KHUTULUN_CONFIG": str(path)})
+
+
+def test_cluster_settings_from_a_file_and_from_the_environment(tmp_path: Path) -> None:
+    path = tmp_path / "config.toml"
+    path.write_text('gossip = "10.0.0.5:7946"\nseeds = ["10.0.0.1:7946", "10.0.0.2"]\nlabels = {rack = "r2"}\n'
+                    'failover_grace = 30\n')
+    config = load_config({"HOME": str(tmp_path), "KHUTULUN_CONFIG": str(path)})
+    assert config.seeds == ("10.0.0.1:7946", "10.0.0.2") and dict(config.labels) == {"rack": "r2"}
+    assert (config.gossip, config.failover_grace) == ("10.0.0.5:7946", 30.0)
+    env = {"HOME": str(tmp_path), "KHUTULUN_SEEDS": "a:1, b:2,", "KHUTULUN_LABELS": "zone=a,disk=ssd"}
+    config = load_config(env)
+    assert config.seeds == ("a:1", "b:2") and dict(config.labels) == {"zone": "a", "disk": "ssd"}

@@ -1,0 +1,93 @@
+"""Moving instances off a host: when the cluster has declared it dead (after a grace), or when it is drained.
+
+One agent decides (the available member with the smallest name); under each service's lock it re-reads the
+placement, places again the instances still on the host (every other instance keeps its host), and writes the
+new desired state with a new revision. The owning agents' reconcile loops then start the moved instances; the
+host's own agent, if it comes back, finds its copies wanted nowhere and removes them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import replace
+
+from khutulun.agent.context import AgentContext
+from khutulun.agent.hosts import HostsView, instances_on
+from khutulun.errors import KhutulunError
+from khutulun.resources import ResourceId
+from khutulun.scheduler import HostInfo, PortRequest, place
+from khutulun.state import Event, ServiceRecord, ServiceStatus
+
+__all__ = ["Mover"]
+
+log = logging.getLogger(__name__)
+
+
+class Mover:
+    def __init__(self, ctx: AgentContext, hosts: HostsView) -> None:
+        self.ctx = ctx
+        self.hosts = hosts
+        self.moved: dict[str, float] = {}
+        """Host → when its instances were last moved off (for ``host list``, and to say it once)."""
+
+    def move_off(self, host: str, why: str) -> list[ResourceId]:
+        """Place again every instance placed on ``host`` (blocking: shared state and locks)."""
+        store = self.ctx.store
+        moved: list[ResourceId] = []
+        for service in store.all_services():
+            if not instances_on(service, host) or service.status is ServiceStatus.DESTROYING:
+                continue
+            others = [s for s in store.read_all_services()
+                      if (s.namespace, s.name) != (service.namespace, service.name)]
+            candidates = self.hosts.placeable(others, exclude=host)
+            with store.service_lock(service.namespace, service.name):
+                current = store.read_service(service.namespace, service.name)
+                if current is None or not instances_on(current, host):
+                    continue  # another agent moved them meanwhile, or the service went
+                moved += self._replace(current, host, candidates, why)
+        if moved:
+            self.moved[host] = time.time()
+        return moved
+
+    def _replace(self, service: ServiceRecord, gone: str, candidates: list[HostInfo], why: str) -> list[ResourceId]:
+        store = self.ctx.store
+        ids = {(i.node, i.index): str(ResourceId(service.namespace, service.name, i.node, i.index))
+               for i in service.placement.instances}
+
+        def allocate(host: HostInfo, requests: Sequence[PortRequest]) -> dict[str, int]:
+            # The ports are checked for bindability by the agent of the host that runs them, not from here.
+            return store.reserve_ports(host.name, self.ctx.config.port_range, requests, None)
+
+        placement = place(service.topology, candidates, service.placement, allocate, ids,
+                          service=f"{service.namespace}/{service.name}")
+        leaving = instances_on(service, gone)
+        store.release_ports(gone, [str(rid) for rid in leaving])
+        now = time.time()
+        moves = ", ".join(f"{rid.instance} to {i.host}" for rid in leaving
+                          if (i := placement.get(rid.node, rid.index)) is not None)
+        record = replace(service, revision=service.revision + 1, status=ServiceStatus.DEPLOYING, placement=placement,
+                         message=f"{why}: moved {moves}", updated_at=now)
+        store.write_service(record)
+        store.append_event(service.namespace, service.name, Event(now, "move", f"{why}: moved {moves}",
+                                                                  host=self.ctx.host, revision=record.revision))
+        log.info("%s/%s: %s: moved %s", service.namespace, service.name, why, moves)
+        return leaving
+
+    async def watch(self) -> None:
+        """Move the instances of hosts that stay dead past the grace (the deciding agent only)."""
+        grace = self.ctx.config.failover_grace
+        while True:
+            await asyncio.sleep(min(1.0, max(0.1, grace / 4)))
+            if not self.hosts.decides():
+                continue
+            now = time.time()
+            for host, since in self.hosts.dead_since().items():
+                if now - since < grace or self.moved.get(host, 0.0) > since:
+                    continue
+                try:
+                    await asyncio.to_thread(self.move_off, host, f"host {host} is dead")
+                except KhutulunError as e:  # no host can take them (yet): try again on the next turn
+                    log.warning("cannot move the instances of dead host %s: %s", host, e.message)
