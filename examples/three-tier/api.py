@@ -4,7 +4,6 @@ import datetime
 import http.server
 import json
 import os
-import time
 import urllib.request
 
 PORT = int(os.environ["KHUTULUN_ENDPOINT_PORT"])

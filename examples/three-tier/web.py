@@ -5,7 +5,6 @@ import datetime
 import http.server
 import json
 import os
-import time
 import urllib.request
 from pathlib import Path
 
