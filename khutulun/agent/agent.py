@@ -166,6 +166,7 @@ class Agent:
                 loops = [group.create_task(self.reconciler.run(), name="reconcile")]
                 if cluster is not None:
                     loops.append(group.create_task(mover.watch(), name="failover"))
+                    loops.append(group.create_task(mover.beat(), name="heartbeat"))
                 for delegate in ctx.delegates.values():
                     if delegate.capabilities.watch:
                         loops.append(group.create_task(self.reconciler.watch(delegate), name=f"watch {delegate.name}"))

@@ -243,6 +243,32 @@ class Converger:
 
             await self.ctx.io(call)
 
+    # Take-overs: when a host is declared dead its instances are placed elsewhere, and the host, if it was only
+    # cut off, may still be converging its copies. Each record names the host that owns the instance; a write
+    # or removal happens under the service lock only when this host still owns it, so that two hosts never
+    # claim one instance. The copy a host no longer owns is an orphan on its next pass, and is removed.
+
+    def _owner(self, rid: ResourceId, current: ResourceRecord | None) -> str:
+        """The host that owns ``rid`` now (the caller holds the service lock): its placement's, else the one
+        its record names, else this one."""
+        service = self.ctx.store.read_service(rid.namespace, rid.service)
+        placed = service.placement.get(rid.node, rid.index) if service is not None else None
+        return placed.host if placed is not None else current.host if current is not None else self.ctx.host
+
+    def _keep_record(self, record: ResourceRecord) -> None:
+        current = self.ctx.store.read_resource(record.id)
+        owner = self._owner(record.id, current)
+        if owner != record.host:
+            log.info("%s now belongs to host %s: this host's copy is not recorded", record.id, owner)
+            return
+        self.ctx.store.write_resource(record)
+
+    def _drop_record(self, rid: ResourceId) -> None:
+        current = self.ctx.store.read_resource(rid)
+        if current is not None and current.host != self.ctx.host:
+            return  # the record is another host's, which took the instance over: this host removed its copy
+        self.ctx.store.remove_resource(rid)
+
     def _event(self, situation: Situation, kind: str, message: str, rid: ResourceId) -> tuple[Callable[..., Any],
                                                                                               tuple[Any, ...]]:
         event = Event(time=time.time(), kind=kind, message=message, resource=str(rid), host=self.ctx.host,
@@ -299,7 +325,7 @@ class Converger:
             message = situation.in_user_terms(e.message)
             failed = self._record(situation, wanted, spec, digest, Live(LiveState.FAILED, None, message=message),
                                   prior)
-            await self._write(situation, (self.ctx.store.write_resource, (failed,)),
+            await self._write(situation, (self._keep_record, (failed,)),
                               self._event(situation, "fail", f"{step.action.value} failed: {message}", step.id))
             situation.prior[wanted.id] = failed
             raise DelegateError(message) from e
@@ -308,7 +334,7 @@ class Converger:
         record = replace(self._record(situation, wanted, spec, digest, live, prior, restarted=restart),
                          exposed=tuple(exposed) if said and said[0].startswith("exposed") else ())
         kind = "restart" if restart else step.action.value
-        await self._write(situation, (self.ctx.store.write_resource, (record,)),
+        await self._write(situation, (self._keep_record, (record,)),
                           self._event(situation, kind, "; ".join([f"{kind}: {step.reason}", *said]), step.id))
         situation.prior[wanted.id] = record
         situation.live[wanted.id] = live
@@ -330,7 +356,7 @@ class Converger:
             try:
                 said.append(await wait_ready(gate, run_command))
             except GateError as e:
-                await self._write(situation, (self.ctx.store.write_resource, (replace(record, message=e.message),)),
+                await self._write(situation, (self._keep_record, (replace(record, message=e.message),)),
                                   self._event(situation, "fail", e.message, wanted.id))
                 raise
         situation.ready.add(wanted.id)
@@ -400,11 +426,11 @@ class Converger:
             writes = [self._event(situation, "fail", f"delete failed: {e.message}", step.id)]
             if prior is not None:
                 kept = replace(prior, message=f"delete failed: {e.message}", updated_at=time.time())
-                writes.insert(0, (self.ctx.store.write_resource, (kept,)))
+                writes.insert(0, (self._keep_record, (kept,)))
             await self._write(situation, *writes)
             raise
         said = "; ".join(filter(None, [f"deleted: {step.reason}", closed]))
-        await self._write(situation, (self.ctx.store.remove_resource, (step.id,)),
+        await self._write(situation, (self._drop_record, (step.id,)),
                           self._event(situation, "delete", said, step.id))
         await self.ctx.io(self.ctx.store.release_ports, self.ctx.host, [str(step.id)])
         situation.prior.pop(step.id, None)

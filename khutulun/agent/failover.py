@@ -1,5 +1,9 @@
 """Moving instances off a host: when the cluster has declared it dead (after a grace), or when it is drained.
 
+A host is moved off only when gossip has called it dead for the grace *and* its agent's heartbeat in the shared
+state is as old: the shared directory is the witness that tells a dead host from one cut off from the others'
+network (which keeps its instances, so that none runs twice, and which moves none of theirs).
+
 One agent decides (the available member with the smallest name); under each service's lock it re-reads the
 placement, places again the instances still on the host (every other instance keeps its host), and writes the
 new desired state with a new revision. The owning agents' reconcile loops then start the moved instances; the
@@ -24,6 +28,9 @@ from khutulun.state import Event, ServiceRecord, ServiceStatus
 __all__ = ["Mover"]
 
 log = logging.getLogger(__name__)
+
+HEARTBEAT_INTERVAL = 1.0
+"""Seconds between an agent's heartbeats in the shared state."""
 
 
 class Mover:
@@ -76,9 +83,27 @@ class Mover:
         log.info("%s/%s: %s: moved %s", service.namespace, service.name, why, moves)
         return leaving
 
+    async def beat(self) -> None:
+        """Write this agent's heartbeat into the shared state, every second, for as long as it runs."""
+        while True:
+            try:
+                await self.ctx.io(self.ctx.store.beat, self.ctx.host, time.time())
+            except KhutulunError as e:
+                log.warning("cannot write this host's heartbeat: %s", e.message)
+            await asyncio.sleep(HEARTBEAT_INTERVAL)
+
+    def _still_writes(self, host: str, grace: float, now: float) -> bool:
+        """Whether ``host``'s agent wrote its heartbeat within the grace. Gossip alone cannot tell a dead host
+        from one cut off from this one's network; the shared directory is the witness. A host that gossip calls
+        dead but whose agent still writes the shared state keeps its instances: moving them would run each twice
+        (and a host on the far side of a partition would move ours)."""
+        beat = self.ctx.store.heartbeat(host)
+        return beat is not None and now - beat < grace
+
     async def watch(self) -> None:
         """Move the instances of hosts that stay dead past the grace (the deciding agent only)."""
         grace = self.ctx.config.failover_grace
+        partitioned: set[str] = set()
         while True:
             await asyncio.sleep(min(1.0, max(0.1, grace / 4)))
             if not self.hosts.decides():
@@ -87,6 +112,13 @@ class Mover:
             for host, since in self.hosts.dead_since().items():
                 if now - since < grace or self.moved.get(host, 0.0) > since:
                     continue
+                if await self.ctx.io(self._still_writes, host, grace + HEARTBEAT_INTERVAL, now):
+                    if host not in partitioned:
+                        partitioned.add(host)
+                        log.warning("host %s is dead to gossip but its agent still writes the shared state: its "
+                                    "instances stay where they are", host)
+                    continue
+                partitioned.discard(host)
                 try:
                     await asyncio.to_thread(self.move_off, host, f"host {host} is dead")
                 except KhutulunError as e:  # no host can take them (yet): try again on the next turn

@@ -307,10 +307,12 @@ class Operations:
             rid = ResourceId(namespace, service, placed.node, placed.index)
             applied = snapshot.resources.get(rid)
             live = situation.live.get(rid) if placed.host == self.ctx.host else None
-            if live is not None:
+            if applied is not None and applied.state is LiveState.FAILED and (live is None or not live.healthy):
+                state = applied.state.value  # what failed says so (with its message), not "missing" or "stopped"
+            elif live is not None:
                 state = live.state.value
-            elif applied is not None and (applied.state is LiveState.FAILED or placed.host != self.ctx.host):
-                state = applied.state.value  # what failed says so (with its message) rather than "missing"
+            elif applied is not None and placed.host != self.ctx.host:
+                state = applied.state.value
             else:
                 state = "missing" if placed.host == self.ctx.host else "pending"
             delegate = delegate_for(record.topology.nodes[placed.node])

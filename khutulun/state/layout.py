@@ -87,6 +87,10 @@ def host_file(root: Path, host: str) -> Path:
     return hosts_dir(root) / f"{check_host_name(host)}.json"
 
 
+def heartbeat_file(root: Path, host: str) -> Path:
+    return hosts_dir(root) / f"{check_host_name(host)}.heartbeat"
+
+
 def ports_dir(root: Path) -> Path:
     return root / "ports"
 

@@ -449,6 +449,10 @@ class StateStore:
         with self.service_lock(namespace, service, shared=True):
             return ServiceSnapshot(self.read_service(namespace, service), self.read_resources(namespace, service))
 
+    def read_resource(self, rid: ResourceId) -> ResourceRecord | None:
+        """One resource record, without locking: for a caller that holds the service lock."""
+        return _load(ResourceRecord, layout.resource_file(self._root, rid))
+
     def write_resource(self, record: ResourceRecord) -> None:
         """Write a resource record. The caller holds the exclusive lock of its service."""
         rid = record.id
@@ -739,8 +743,23 @@ class StateStore:
                 records.append(record)
         return records
 
+    def beat(self, name: str, now: float) -> None:
+        """Say that host ``name``'s agent is alive and reaches the shared state (its own file: no lock)."""
+        path = layout.heartbeat_file(self._root, name)
+        ensure_dir(path.parent)
+        write_atomic(path, f"{now}\n".encode())
+
+    def heartbeat(self, name: str) -> float | None:
+        """When host ``name``'s agent last said it was alive, by its clock; None if it never did."""
+        raw = read_bytes(layout.heartbeat_file(self._root, name))
+        try:
+            return float(raw) if raw is not None else None
+        except ValueError:
+            return None  # torn by hand: as good as none
+
     def remove_host(self, name: str) -> bool:
-        """Remove a host's record; answer whether there was one."""
+        """Remove a host's record (and heartbeat); answer whether there was one."""
+        _unlink(layout.heartbeat_file(self._root, name))
         return _unlink(layout.host_file(self._root, name))
 
     # Ports ----------------------------------------------------------------------------------------------------

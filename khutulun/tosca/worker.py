@@ -17,6 +17,7 @@ is ``(LoadRequest, timeout)``; an answer ``("ok", Topology)``, ``("problems", [P
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import pickle
@@ -207,6 +208,9 @@ class LoaderClient:
 
 
 _client = LoaderClient()
+# The server would end anyway when this process's end closes the pipe; closing it here also reaps it, rather
+# than leaving a running child to the interpreter's last garbage collection.
+atexit.register(_client.close)
 
 
 def load_in_worker(request: LoadRequest, *, timeout: float, display: str) -> Topology:

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from khutulun.delegates.podman import stop_own_service
+
 ROOT = Path(__file__).resolve().parents[2]
 PASSED = frozenset({"KHUTULUN_PODMAN_SOCKET", "KHUTULUN_DOCKER_SOCKET"})
 """Settings of this machine's runtimes (scripts/setup-containers) that the agents under test use too."""
@@ -148,3 +150,6 @@ class Agent:
         for workload in self.workloads():
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(workload.pid, signal.SIGKILL)
+        # Without KHUTULUN_PODMAN_SOCKET (scripts/setup-containers not run) the agent started its own Podman
+        # service, which outlives it by design.
+        stop_own_service(self.root / "data" / "podman")

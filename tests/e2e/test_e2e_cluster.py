@@ -24,6 +24,7 @@ from typing import Any
 
 import pytest
 
+from khutulun.delegates.podman import stop_own_service
 from tests.cluster.rig import Host, Proc, Rig, write_secret
 from tests.e2e.harness import PASSED, ROOT, _environ, _stat
 
@@ -112,10 +113,12 @@ class HostAgent:
 
     def cleanup(self) -> None:
         if self.proc is not None:
+            self.proc.kill(signal.SIGCONT)  # a test that froze it and failed before waking it
             self.proc.stop(grace=10)
         for pid in self.workloads():
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(pid, signal.SIGKILL)
+        stop_own_service(self.data / "podman")  # started when the machine's Podman socket was not passed on
 
 
 def host_rack(host: Host) -> int:
@@ -327,3 +330,53 @@ def test_a_drained_host_gives_up_its_instances_and_takes_none_until_eligible(clu
     first.cli("host", "eligibility", second.name, "on")
     first.cli("deploy", str(template(tmp_path, count=3, separate=True)), "--service", "again")
     assert second.name in {i["host"] for i in instances(first, "again")}
+
+
+def test_a_cut_off_host_keeps_its_instances_and_a_frozen_one_gives_them_up_when_it_wakes(
+        cluster: Cluster, tmp_path: Path) -> None:
+    first = cluster.agents[0]
+    wait_until("three alive hosts", lambda: alive_hosts(first, 3), 30)
+    first.cli("deploy", str(template(tmp_path, count=2, separate=True)), "--service", "kept")
+    placed = {i["instance"]: i["host"] for i in instances(first, "kept")}
+    victim = next(cluster.agent(h) for h in placed.values() if h != first.name)
+    survivor = next(a for a in cluster.agents if a is not victim and a is not first)
+    lost = next(i for i, h in placed.items() if h == victim.name)
+    wait_until("the victim's instance runs", victim.workloads, 20)
+    [copy] = victim.workloads()
+
+    def status_of(name: str) -> str:
+        return str(next(h["status"] for h in survivor.json("host", "list") if h["name"] == name))
+
+    # Cut off from the others' network, the victim's agent still writes the shared state: gossip calls it dead,
+    # and its instance stays where it is (moving it would run it twice).
+    cluster.rig.disconnect(victim.host)
+    try:
+        wait_until("the cut-off host declared dead", lambda: status_of(victim.name) == "dead", 30)
+        time.sleep(2 + 3)  # the failover grace, and then some
+        assert {i["instance"]: i["host"] for i in instances(survivor, "kept")} == placed
+        assert victim.workloads() == [copy]
+    finally:
+        cluster.rig.reconnect(victim.host)
+    wait_until("the reconnected host alive again", lambda: status_of(victim.name) == "alive", 30)
+
+    # Frozen (SIGSTOP), the victim's agent neither gossips nor writes: its instance moves, while its copy,
+    # which nobody stopped, runs on. Woken, the agent finds the instance placed elsewhere and stops its copy.
+    assert victim.proc is not None
+    victim.proc.kill(signal.SIGSTOP)
+    try:
+        def moved() -> dict[str, Any] | None:
+            found = next(i for i in instances(survivor, "kept") if i["instance"] == lost)
+            return found if found["host"] != victim.name and found["state"] in ("running", "ready") else None
+
+        instance = wait_until(f"{lost} moved off the frozen {victim.name}", moved, 60)
+        assert wait_until("the moved instance answers", lambda: answers(cluster, instance), 20) == instance["host"]
+        assert victim.workloads() == [copy]  # the frozen agent did not stop it: two copies, for now
+    finally:
+        victim.proc.kill(signal.SIGCONT)
+    woken = time.monotonic()
+    wait_until("the woken host stops its copy", lambda: not victim.workloads(), 30)
+    handover = time.monotonic() - woken
+    wait_until("the woken host alive again", lambda: status_of(victim.name) == "alive", 30)
+    assert sum(len(a.workloads()) for a in cluster.agents) == 2
+    assert victim.name not in {i["host"] for i in instances(first, "kept")}
+    print(f"\nhandover: the woken host stopped its copy {handover:.1f} s after it woke")
