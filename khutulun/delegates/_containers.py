@@ -323,6 +323,19 @@ class EngineContainer:
     oom_killed: bool
     image_id: str
 
+    @classmethod
+    def inspected(cls, attrs: Mapping[str, Any]) -> EngineContainer:
+        """A container from ``inspect``, whose answer both engines shape alike (Docker's names lead with "/")."""
+        state = attrs.get("State") or {}
+        status = str(state.get("Status") or "unknown")
+        return cls(
+            id=str(attrs["Id"]), name=str(attrs.get("Name") or "").lstrip("/"),
+            labels=dict((attrs.get("Config") or {}).get("Labels") or {}), state=status,
+            exit_code=None if status == "running" else state.get("ExitCode"),
+            started_at=parse_engine_time(state.get("StartedAt")),
+            finished_at=parse_engine_time(state.get("FinishedAt")), error=str(state.get("Error") or ""),
+            oom_killed=bool(state.get("OOMKilled")), image_id=str(attrs.get("Image") or ""))
+
     @property
     def running(self) -> bool:
         return self.state == "running"

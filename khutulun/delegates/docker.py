@@ -31,7 +31,6 @@ from khutulun.delegates._containers import (
     EngineError,
     check_socket,
     events_filters,
-    parse_engine_time,
 )
 from khutulun.errors import DelegateError
 
@@ -51,19 +50,6 @@ def _errors() -> Iterator[None]:
         raise EngineError(str(e.explanation or e), e.status_code) from e
     except (docker.errors.DockerException, requests.RequestException, OSError) as e:
         raise EngineError(str(e)) from e
-
-
-def _state_of(attrs: Mapping[str, Any]) -> EngineContainer:
-    """A container from ``inspect``."""
-    state = attrs.get("State") or {}
-    running = state.get("Status") == "running"
-    return EngineContainer(
-        id=str(attrs["Id"]), name=str(attrs.get("Name") or "").lstrip("/"),
-        labels=dict((attrs.get("Config") or {}).get("Labels") or {}), state=str(state.get("Status") or "unknown"),
-        exit_code=None if running else state.get("ExitCode"), started_at=parse_engine_time(state.get("StartedAt")),
-        finished_at=parse_engine_time(state.get("FinishedAt")), error=str(state.get("Error") or ""),
-        oom_killed=bool(state.get("OOMKilled")),
-        image_id=str(attrs.get("Image") or ""))
 
 
 def _listed(attrs: Mapping[str, Any]) -> EngineContainer:
@@ -102,7 +88,7 @@ class DockerEngine(Engine):
     def container(self, container_id: str) -> EngineContainer | None:
         try:
             with _errors():
-                return _state_of(self._api.inspect_container(container_id))
+                return EngineContainer.inspected(self._api.inspect_container(container_id))
         except EngineError as e:
             if e.not_found:
                 return None

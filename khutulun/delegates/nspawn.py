@@ -35,7 +35,7 @@ import signal
 import subprocess
 import time
 import uuid
-from collections.abc import AsyncGenerator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,16 +43,17 @@ from typing import Any
 
 from khutulun.delegates import procfs
 from khutulun.delegates._containers import Mount, parse_mounts
-from khutulun.delegates._hostio import ended_within, exit_status, follow_file, start_exec
-from khutulun.delegates.base import Capabilities, Delegate, DelegateContext, ExecSession
-from khutulun.delegates.process import (
+from khutulun.delegates._hostio import ended_within, start_exec
+from khutulun.delegates._supervised import (
     HOST_MARKER,
     RESOURCE_MARKER,
     SPEC_HASH_MARKER,
-    _base_environment,
-    _early_exit_message,
-    _parse_marker,
+    Found,
+    SupervisedDelegate,
+    base_environment,
+    early_exit_message,
 )
+from khutulun.delegates.base import Capabilities, DelegateContext, ExecSession
 from khutulun.errors import DelegateError
 from khutulun.resources import Live, LiveState, Resource, ResourceId
 
@@ -153,49 +154,6 @@ def _signal_name(number: int) -> str:
     return f"SIGRTMIN+{number - signal.SIGRTMIN}"
 
 
-@dataclass(frozen=True)
-class _Child:
-    popen: subprocess.Popen[bytes]
-    rid: ResourceId
-    host: str
-    spec_hash: str
-
-
-_CHILDREN: dict[int, _Child] = {}
-"""The nspawn processes this OS process started, by pid, whichever delegate instance started them: a child is
-reaped by whichever instance sees it end, and no Popen is dropped while its process runs."""
-
-
-@dataclass(frozen=True)
-class _Exit:
-    pid: int
-    spec_hash: str
-    returncode: int
-
-
-@dataclass(frozen=True)
-class _Found:
-    """An nspawn process verified as one of ours: alive, a session leader, with this host's markers."""
-
-    stat: procfs.ProcStat
-    environment: Mapping[str, str]
-
-    @property
-    def handle(self) -> dict[str, Any]:
-        return {"pid": self.stat.pid, "start_time": self.stat.start_time}
-
-    def live(self) -> Live:
-        return Live(LiveState.RUNNING, self.environment.get(SPEC_HASH_MARKER), handle=self.handle,
-                    attributes={"pid": self.stat.pid}, started_at=procfs.start_time_to_epoch(self.stat.start_time))
-
-
-@dataclass(frozen=True)
-class _Watch:
-    rid: ResourceId
-    pidfd: int
-    loop: asyncio.AbstractEventLoop
-
-
 def _arguments(pid: int) -> list[bytes]:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
@@ -251,28 +209,25 @@ def _sha256(path: str) -> str:
     return digest.hexdigest()
 
 
-class NspawnDelegate(Delegate):
+class NspawnDelegate(SupervisedDelegate):
     name = _NAME
     capabilities = Capabilities(supervised=True, logs=True, exec=True, list=True, watch=True)
+    ended_as = "the container {how}"
 
     def __init__(self, context: DelegateContext) -> None:
         super().__init__(context)
-        self._watched: dict[int, _Watch] = {}
-        self._events: asyncio.Queue[ResourceId | None] = asyncio.Queue()
-        self._exits: dict[ResourceId, _Exit] = {}
         self._digests: dict[tuple[str, int, int], str] = {}
         self._unpacking: dict[str, asyncio.Lock] = {}
-        self._closed = False
-
-    def log_path(self, rid: ResourceId) -> Path:
-        return self.context.data_dir / "logs" / rid.namespace / rid.service / f"{rid.filename}.log"
 
     def _spec(self, resource: Resource) -> NspawnSpec:
         return NspawnSpec.parse(resource, self.context.timeouts.stop)
 
     # --- finding our containers ---
 
-    def _ours(self, stat: procfs.ProcStat | None, rid: ResourceId | None) -> _Found | None:
+    def _candidate(self, stat: procfs.ProcStat) -> bool:
+        return stat.comm == _COMM
+
+    def _ours(self, stat: procfs.ProcStat | None, rid: ResourceId | None) -> Found | None:
         """``stat``'s process if it is a live nspawn leading its session, with this host's markers (and ``rid``'s)."""
         if stat is None or not stat.alive or not stat.session_leader or stat.comm != _COMM:
             return None
@@ -283,39 +238,9 @@ class NspawnDelegate(Delegate):
         marker = environment.get(RESOURCE_MARKER)
         if marker is None or (rid is not None and marker != str(rid)):
             return None
-        return _Found(stat, environment)
-
-    def _from_handle(self, rid: ResourceId, handle: Mapping[str, Any] | None) -> _Found | None:
-        pid, start_time = (handle or {}).get("pid"), (handle or {}).get("start_time")
-        if type(pid) is not int or type(start_time) is not int or pid <= 0:
-            return None
-        stat = procfs.read_stat(pid)
-        if stat is None or stat.start_time != start_time:
-            return None
-        return self._ours(stat, rid)
-
-    def _scan(self, rid: ResourceId | None) -> list[_Found]:
-        """Every nspawn of this host with ``rid``'s markers (any resource's, for None), oldest first. In a thread."""
-        found = [f for stat in procfs.iter_stats() if stat.comm == _COMM and (f := self._ours(stat, rid))]
-        return sorted(found, key=lambda f: f.stat.start_time)
+        return Found(stat, environment)
 
     # --- the interface ---
-
-    async def inspect(self, resource: Resource) -> Live | None:
-        self._reap_children(resource.id)
-        found = self._from_handle(resource.id, resource.handle)
-        if found is None:
-            candidates = await asyncio.to_thread(self._scan, resource.id)
-            found = candidates[0] if candidates else None
-        if found is not None:
-            self._watch(resource.id, found.stat)
-            return found.live()
-        ended = self._exits.get(resource.id)
-        if ended is None:
-            return None
-        exit_code, how = exit_status(ended.returncode)
-        return Live(LiveState.STOPPED if ended.returncode == 0 else LiveState.FAILED, ended.spec_hash,
-                    handle={"pid": ended.pid}, exit_code=exit_code, message=f"the container {how}")
 
     async def apply(self, resource: Resource, live: Live | None) -> Live:
         spec = self._spec(resource)
@@ -339,26 +264,9 @@ class NspawnDelegate(Delegate):
         if purge and spec is not None and spec.rootfs_archive is not None:
             await self._purge_root(spec.rootfs_archive)
 
-    async def list(self) -> Sequence[tuple[ResourceId, Live]]:
-        self._reap_children()
-        by_id: dict[ResourceId, _Found] = {}
-        for found in await asyncio.to_thread(self._scan, None):
-            rid = _parse_marker(found.environment[RESOURCE_MARKER])
-            if rid is not None:
-                by_id.setdefault(rid, found)  # oldest first: the one we started, as inspect picks it
-        for rid, found in by_id.items():
-            self._watch(rid, found.stat)
-        return [(rid, found.live()) for rid, found in sorted(by_id.items())]
-
-    def logs(self, resource: Resource, *, follow: bool = False, tail: int | None = None) -> AsyncGenerator[bytes, None]:
-        return follow_file(self.log_path(resource.id), follow=follow, tail=tail)
-
     async def exec(self, resource: Resource, argv: Sequence[str], *, tty: bool = False) -> ExecSession:
         spec = self._spec(resource)
-        found = self._from_handle(resource.id, resource.handle)
-        if found is None:
-            candidates = await asyncio.to_thread(self._scan, resource.id)
-            found = candidates[0] if candidates else None
+        found = await self._find(resource)
         leader = await asyncio.to_thread(_leader, found.stat.pid) if found is not None else None
         if leader is None:
             raise DelegateError(f"cannot run a command in {resource.id}: its container is not running")
@@ -368,23 +276,11 @@ class NspawnDelegate(Delegate):
         # Every namespace of the container's leader, its root included: what `machinectl shell` would give,
         # without machined. The command gets the container's environment, without the markers. A terminal is the
         # host's: the command has one, but the container's /dev/pts does not name it (`tty` says "not a tty").
-        environment = {**{k: v for k, v in _base_environment().items() if k in ("LANG", "LANGUAGE", "TZ")
+        environment = {**{k: v for k, v in base_environment().items() if k in ("LANG", "LANGUAGE", "TZ")
                           or k.startswith("LC_")}, "PATH": _CONTAINER_PATH, "container": "systemd-nspawn",
                        **spec.environment}
         return await start_exec([program, f"--target={leader.pid}", "--all", "--", *argv], cwd=Path("/"),
                                 env=environment, tty=tty)
-
-    async def watch(self) -> AsyncGenerator[ResourceId, None]:
-        """Ids of containers that ended by themselves (not those this delegate stopped), as they end."""
-        while not self._closed and (rid := await self._events.get()) is not None:
-            yield rid
-
-    async def close(self) -> None:
-        for pid in list(self._watched):
-            self._unwatch(pid)
-        if not self._closed:
-            self._closed = True
-            self._events.put_nowait(None)
 
     # --- roots ---
 
@@ -450,13 +346,8 @@ class NspawnDelegate(Delegate):
     # --- starting ---
 
     async def _start(self, resource: Resource, spec: NspawnSpec, root: Path) -> Live:
-        rid = resource.id
-        self._exits.pop(rid, None)
         popen, log_path, log_start = self._spawn(resource, spec, root)
-        stat = procfs.read_stat(popen.pid)  # our unreaped child: its /proc entry stays until we reap it
-        if stat is None:  # pragma: no cover - see above
-            raise DelegateError(f"{rid}: systemd-nspawn {popen.pid} started but cannot be found in /proc")
-        _CHILDREN[popen.pid] = _Child(popen, rid, self.context.host, resource.spec_hash)
+        stat = self._adopt_child(resource, popen)
         pidfd = os.pidfd_open(popen.pid)
         try:
             # Started once the container's leader runs (nspawn has set everything up), and still runs a moment
@@ -471,10 +362,8 @@ class NspawnDelegate(Delegate):
             os.close(pidfd)
         if ended:
             self._reap(popen.pid)
-            raise DelegateError(_early_exit_message("systemd-nspawn", popen.wait(), log_path, log_start))
-        self._watch(rid, stat)
-        return Live(LiveState.RUNNING, resource.spec_hash, handle={"pid": stat.pid, "start_time": stat.start_time},
-                    attributes={"pid": stat.pid}, started_at=time.time())
+            raise DelegateError(early_exit_message("systemd-nspawn", popen.wait(), log_path, log_start))
+        return self._running(resource, stat)
 
     def _spawn(self, resource: Resource, spec: NspawnSpec, root: Path) -> tuple[subprocess.Popen[bytes], Path, int]:
         rid = resource.id
@@ -498,24 +387,13 @@ class NspawnDelegate(Delegate):
             log_start = log.tell()
             try:
                 popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                         cwd="/", env={**_base_environment(), **markers}, start_new_session=True,
+                                         cwd="/", env={**base_environment(), **markers}, start_new_session=True,
                                          close_fds=True)
             except OSError as e:
                 raise DelegateError(f"{rid}: cannot start systemd-nspawn: {e.strerror}") from e
         return popen, log_path, log_start
 
     # --- stopping ---
-
-    async def _stop(self, resource: Resource, live: Live | None, stop_timeout: float) -> None:
-        """Stop every container of ``resource`` on this host: the recorded ones, and any a scan finds."""
-        rid = resource.id
-        self._reap_children(rid)
-        handles = [h for h in (live.handle if live else None, resource.handle) if h]
-        targets = {found.stat.pid: found.stat for handle in handles if (found := self._from_handle(rid, handle))}
-        if not targets:
-            targets = {f.stat.pid: f.stat for f in await asyncio.to_thread(self._scan, rid)}
-        await asyncio.gather(*(self._stop_one(rid, stat, stop_timeout) for stat in targets.values()))
-        self._exits.pop(rid, None)
 
     async def _stop_one(self, rid: ResourceId, stat: procfs.ProcStat, stop_timeout: float) -> None:
         pid = stat.pid
@@ -549,48 +427,3 @@ class NspawnDelegate(Delegate):
         finally:
             os.close(pidfd)
         self._reap(pid)
-
-    # --- children and watches ---
-
-    def _reap(self, pid: int) -> None:
-        child = _CHILDREN.get(pid)
-        if child is None or (returncode := child.popen.poll()) is None:
-            return
-        del _CHILDREN[pid]
-        if child.host == self.context.host:
-            self._exits[child.rid] = _Exit(pid, child.spec_hash, returncode)
-
-    def _reap_children(self, rid: ResourceId | None = None) -> None:
-        for pid, child in list(_CHILDREN.items()):
-            if rid is None or child.rid == rid:
-                self._reap(pid)
-
-    def _watch(self, rid: ResourceId, stat: procfs.ProcStat) -> None:
-        if self._closed or stat.pid in self._watched:
-            return
-        try:
-            pidfd = os.pidfd_open(stat.pid)
-        except ProcessLookupError:
-            self._events.put_nowait(rid)
-            return
-        now = procfs.read_stat(stat.pid)
-        if now is None or now.start_time != stat.start_time:
-            os.close(pidfd)
-            self._events.put_nowait(rid)
-            return
-        loop = asyncio.get_running_loop()
-        loop.add_reader(pidfd, self._on_exit, stat.pid)
-        self._watched[stat.pid] = _Watch(rid, pidfd, loop)
-
-    def _unwatch(self, pid: int) -> _Watch | None:
-        watch = self._watched.pop(pid, None)
-        if watch is not None:
-            watch.loop.remove_reader(watch.pidfd)
-            os.close(watch.pidfd)
-        return watch
-
-    def _on_exit(self, pid: int) -> None:
-        watch = self._unwatch(pid)
-        if watch is not None:
-            self._reap(pid)
-            self._events.put_nowait(watch.rid)

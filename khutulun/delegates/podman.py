@@ -78,19 +78,6 @@ def _errors() -> Iterator[None]:
         raise EngineError(str(e)) from e
 
 
-def _inspected(attrs: Mapping[str, Any]) -> EngineContainer:
-    """A container from ``inspect``."""
-    state = attrs.get("State") or {}
-    status = str(state.get("Status") or "unknown")
-    return EngineContainer(
-        id=str(attrs["Id"]), name=str(attrs.get("Name") or ""), labels=dict((attrs.get("Config") or {}).get("Labels")
-                                                                             or {}),
-        state=status, exit_code=None if status == "running" else state.get("ExitCode"),
-        started_at=parse_engine_time(state.get("StartedAt")), finished_at=parse_engine_time(state.get("FinishedAt")),
-        error=str(state.get("Error") or ""),
-        oom_killed=bool(state.get("OOMKilled")), image_id=str(attrs.get("Image") or ""))
-
-
 def _listed(attrs: Mapping[str, Any]) -> EngineContainer:
     """A container from the list: ``State`` is a word here, not the mapping inspect gives."""
     status = str(attrs.get("State") or "unknown")
@@ -158,7 +145,7 @@ class PodmanEngine(Engine):
 
     def container(self, container_id: str) -> EngineContainer | None:
         attrs = self._call("GET", f"/containers/{container_id}/json", missing=True)
-        return _inspected(attrs) if attrs is not None else None
+        return EngineContainer.inspected(attrs) if attrs is not None else None
 
     def create(self, name: str, labels: Mapping[str, str], spec: ContainerSpec) -> str:
         ports: dict[str, list[Any]] = {}

@@ -24,33 +24,32 @@ import os
 import shutil
 import signal
 import subprocess
-import time
-from collections.abc import AsyncGenerator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from khutulun.delegates import procfs
-from khutulun.delegates._hostio import ended_within, exit_status, follow_file, start_exec, tail_offset
-from khutulun.delegates.base import Capabilities, Delegate, DelegateContext, ExecSession
-from khutulun.errors import DelegateError, InvalidInputError
+from khutulun.delegates._hostio import ended_within, start_exec
+from khutulun.delegates._supervised import (
+    HOST_MARKER,
+    MARKERS,
+    RESOURCE_MARKER,
+    SPEC_HASH_MARKER,
+    Found,
+    SupervisedDelegate,
+    base_environment,
+    early_exit_message,
+)
+from khutulun.delegates.base import Capabilities, DelegateContext, ExecSession
+from khutulun.errors import DelegateError
 from khutulun.resources import Live, LiveState, Resource, ResourceId
 
 __all__ = ["HOST_MARKER", "RESOURCE_MARKER", "SPEC_HASH_MARKER", "ProcessDelegate", "ProcessSpec"]
 
-RESOURCE_MARKER = "KHUTULUN_RESOURCE"
-SPEC_HASH_MARKER = "KHUTULUN_SPEC_HASH"
-HOST_MARKER = "KHUTULUN_HOST"
-_MARKERS = (RESOURCE_MARKER, SPEC_HASH_MARKER, HOST_MARKER)
-
-_BASE_ENVIRONMENT = frozenset({"PATH", "HOME", "USER", "LOGNAME", "SHELL", "LANG", "LANGUAGE", "TZ", "TMPDIR"})
-"""What a process inherits from the agent (plus ``LC_*``): enough for programs to find their tools and
-speak the locale; never the agent's own ``KHUTULUN_*`` settings, which are not the workload's business."""
-
 _SPEC_KEYS = frozenset({"command", "environment", "working_directory", "stop_timeout"})
 _KILL_WAIT = 5.0  # after SIGKILL, only a process stuck in the kernel takes longer than this to end
-_LOG_TAIL_LINES = 5
 _ENVIRONMENTS_KEPT = 4096
 
 
@@ -108,85 +107,28 @@ def _is_text(value: Any) -> bool:
     return isinstance(value, str) and "\0" not in value
 
 
-@dataclass(frozen=True)
-class _Child:
-    popen: subprocess.Popen[bytes]
-    rid: ResourceId
-    host: str
-    spec_hash: str
-
-
-_CHILDREN: dict[int, _Child] = {}
-"""The processes this OS process started, by pid, whichever delegate instance started them.
-
-Being someone's child belongs to the OS process, not to a delegate instance. Keeping the Popen objects here
-means a child is reaped by whichever instance sees it end (a test that simulates an agent restart has two
-instances in one process), and that no Popen is dropped while its process runs (a zombie later, and a
-ResourceWarning now)."""
-
-
-@dataclass(frozen=True)
-class _Exit:
-    """A child this delegate saw end, for ``inspect`` to report until the resource is applied or deleted."""
-
-    pid: int
-    spec_hash: str
-    returncode: int
-
-
-@dataclass(frozen=True)
-class _Found:
-    """A process verified as one of ours: alive, a session leader, with this host's markers."""
-
-    stat: procfs.ProcStat
-    environment: Mapping[str, str]
-
-    @property
-    def handle(self) -> dict[str, Any]:
-        return {"pid": self.stat.pid, "start_time": self.stat.start_time}
-
-    def live(self) -> Live:
-        return Live(LiveState.RUNNING, self.environment.get(SPEC_HASH_MARKER), handle=self.handle,
-                    attributes={"pid": self.stat.pid}, started_at=procfs.start_time_to_epoch(self.stat.start_time))
-
-
-@dataclass(frozen=True)
-class _Watch:
-    rid: ResourceId
-    pidfd: int
-    loop: asyncio.AbstractEventLoop
-
-
-def _base_environment() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if k in _BASE_ENVIRONMENT or k.startswith("LC_")}
-
-
-class ProcessDelegate(Delegate):
+class ProcessDelegate(SupervisedDelegate):
     name = "process"
     capabilities = Capabilities(supervised=True, logs=True, exec=True, list=True, watch=True)
 
     def __init__(self, context: DelegateContext) -> None:
         super().__init__(context)
-        self._watched: dict[int, _Watch] = {}
-        self._events: asyncio.Queue[ResourceId | None] = asyncio.Queue()
-        self._exits: dict[ResourceId, _Exit] = {}
         self._environments: dict[tuple[int, int], dict[str, str]] = {}
-        self._closed = False
 
     # --- paths ---
 
     def _default_working_directory(self, rid: ResourceId) -> Path:
         return self.context.data_dir / "work" / rid.namespace / rid.service / rid.filename
 
-    def log_path(self, rid: ResourceId) -> Path:
-        return self.context.data_dir / "logs" / rid.namespace / rid.service / f"{rid.filename}.log"
-
     def _spec(self, resource: Resource) -> ProcessSpec:
         return ProcessSpec.parse(resource, self.context.timeouts.stop)
 
     # --- finding our processes ---
 
-    def _ours(self, stat: procfs.ProcStat | None, rid: ResourceId | None) -> _Found | None:
+    def _candidate(self, stat: procfs.ProcStat) -> bool:
+        return stat.session_leader
+
+    def _ours(self, stat: procfs.ProcStat | None, rid: ResourceId | None) -> Found | None:
         """``stat``'s process if it is a live session leader with this host's markers (and ``rid``'s, if given)."""
         if stat is None or not stat.alive or not stat.session_leader:
             return None
@@ -198,7 +140,7 @@ class ProcessDelegate(Delegate):
         marker = environment.get(RESOURCE_MARKER)
         if marker is None or (rid is not None and marker != str(rid)):
             return None
-        return _Found(stat, environment)
+        return Found(stat, environment)
 
     def _environment(self, stat: procfs.ProcStat) -> dict[str, str] | None:
         """A process's environment, read once for each workload rather than on every inspect of every pass.
@@ -219,42 +161,7 @@ class ProcessDelegate(Delegate):
             self._environments[key] = environment
         return environment
 
-    def _from_handle(self, rid: ResourceId, handle: Mapping[str, Any] | None) -> _Found | None:
-        pid, start_time = (handle or {}).get("pid"), (handle or {}).get("start_time")
-        if type(pid) is not int or type(start_time) is not int or pid <= 0:
-            return None
-        stat = procfs.read_stat(pid)
-        if stat is None or stat.start_time != start_time:
-            return None
-        return self._ours(stat, rid)
-
-    def _scan(self, rid: ResourceId | None) -> list[_Found]:
-        """Every session leader of this host carrying ``rid``'s markers (any resource's, for None), oldest first.
-
-        Runs in a worker thread: it reads a file or two for every process there is.
-        """
-        found = [f for stat in procfs.iter_stats() if stat.session_leader and (f := self._ours(stat, rid))]
-        return sorted(found, key=lambda f: f.stat.start_time)
-
     # --- the interface ---
-
-    async def inspect(self, resource: Resource) -> Live | None:
-        self._reap_children(resource.id)
-        found = self._from_handle(resource.id, resource.handle)
-        if found is None:
-            # No usable handle: the agent may have died between starting the process and recording it.
-            # Should a process have made a second session carrying the markers, the oldest is the one we started.
-            candidates = await asyncio.to_thread(self._scan, resource.id)
-            found = candidates[0] if candidates else None
-        if found is not None:
-            self._watch(resource.id, found.stat)
-            return found.live()
-        ended = self._exits.get(resource.id)
-        if ended is None:
-            return None
-        exit_code, how = exit_status(ended.returncode)
-        return Live(LiveState.STOPPED if ended.returncode == 0 else LiveState.FAILED, ended.spec_hash,
-                    handle={"pid": ended.pid}, exit_code=exit_code, message=how)
 
     async def apply(self, resource: Resource, live: Live | None) -> Live:
         spec = self._spec(resource)
@@ -274,20 +181,6 @@ class ProcessDelegate(Delegate):
         users_directory = (spec.working_directory if spec else resource.spec.get("working_directory")) is not None
         self._remove_files(resource.id, remove_working_directory=not users_directory)
 
-    async def list(self) -> Sequence[tuple[ResourceId, Live]]:
-        self._reap_children()
-        by_id: dict[ResourceId, _Found] = {}
-        for found in await asyncio.to_thread(self._scan, None):
-            rid = _parse_marker(found.environment[RESOURCE_MARKER])
-            if rid is not None:  # else a marker we did not write; nothing of ours
-                by_id.setdefault(rid, found)  # oldest first: the one we started, as inspect picks it
-        for rid, found in by_id.items():
-            self._watch(rid, found.stat)
-        return [(rid, found.live()) for rid, found in sorted(by_id.items())]
-
-    def logs(self, resource: Resource, *, follow: bool = False, tail: int | None = None) -> AsyncGenerator[bytes, None]:
-        return follow_file(self.log_path(resource.id), follow=follow, tail=tail)
-
     async def exec(self, resource: Resource, argv: Sequence[str], *, tty: bool = False) -> ExecSession:
         spec = self._spec(resource)
         cwd = Path(spec.working_directory) if spec.working_directory else self._default_working_directory(resource.id)
@@ -295,38 +188,16 @@ class ProcessDelegate(Delegate):
             raise DelegateError(f"cannot run a command next to {resource.id}: its working directory {str(cwd)!r} "
                                 "does not exist (is it applied?)")
         # Not the markers: the command leads a session of its own, and with them it would pass for the resource.
-        environment = {**_base_environment(), **spec.environment}
-        for marker in _MARKERS:
+        environment = {**base_environment(), **spec.environment}
+        for marker in MARKERS:
             environment.pop(marker, None)
         return await start_exec(argv, cwd=cwd, env=environment, tty=tty)
-
-    async def watch(self) -> AsyncGenerator[ResourceId, None]:
-        """Ids of processes that ended by themselves (not those this delegate stopped), as they end.
-
-        Covers every process this instance started or found (by apply, inspect or list); it ends on close().
-        """
-        while not self._closed and (rid := await self._events.get()) is not None:
-            yield rid
-
-    async def close(self) -> None:
-        for pid in list(self._watched):
-            self._unwatch(pid)
-        if not self._closed:
-            self._closed = True
-            self._events.put_nowait(None)  # ends watch()
 
     # --- starting ---
 
     async def _start(self, resource: Resource, spec: ProcessSpec) -> Live:
-        rid = resource.id
-        self._exits.pop(rid, None)
         popen, log_path, log_start = self._spawn(resource, spec)
-        # Our unreaped child: its /proc entry stays until we reap it, even if it has already exited.
-        stat = procfs.read_stat(popen.pid)
-        if stat is None:  # pragma: no cover - see above
-            raise DelegateError(f"{rid}: the process {popen.pid} started but cannot be found in /proc")
-        _CHILDREN[popen.pid] = _Child(popen, rid, self.context.host, resource.spec_hash)
-
+        stat = self._adopt_child(resource, popen)
         pidfd = os.pidfd_open(popen.pid)
         try:
             ended = await ended_within(pidfd, self.context.timeouts.startup_grace)
@@ -337,11 +208,8 @@ class ProcessDelegate(Delegate):
             # unreaped zombie, its session id cannot be anyone else's).
             await asyncio.to_thread(self._kill_session, stat.pid, stat.start_time, rid=None)
             self._reap(popen.pid)
-            raise DelegateError(_early_exit_message(spec.command[0], popen.wait(), log_path, log_start))
-
-        self._watch(rid, stat)
-        return Live(LiveState.RUNNING, resource.spec_hash, handle={"pid": stat.pid, "start_time": stat.start_time},
-                    attributes={"pid": stat.pid}, started_at=time.time())
+            raise DelegateError(early_exit_message(spec.command[0], popen.wait(), log_path, log_start))
+        return self._running(resource, stat)
 
     def _spawn(self, resource: Resource, spec: ProcessSpec) -> tuple[subprocess.Popen[bytes], Path, int]:
         rid = resource.id
@@ -349,7 +217,7 @@ class ProcessDelegate(Delegate):
         cwd = Path(spec.working_directory) if spec.working_directory else self._default_working_directory(rid)
         if spec.working_directory is not None and not cwd.is_dir():
             raise DelegateError(f"cannot start {program!r}: the working directory {str(cwd)!r} does not exist")
-        environment = {**_base_environment(), **spec.environment, RESOURCE_MARKER: str(rid),
+        environment = {**base_environment(), **spec.environment, RESOURCE_MARKER: str(rid),
                        SPEC_HASH_MARKER: resource.spec_hash, HOST_MARKER: self.context.host}
         log_path = self.log_path(rid)
         try:
@@ -371,24 +239,12 @@ class ProcessDelegate(Delegate):
 
     # --- stopping ---
 
-    async def _stop(self, resource: Resource, live: Live | None, stop_timeout: float) -> None:
-        """Stop every process of ``resource`` on this host: the recorded ones and any a scan finds."""
-        rid = resource.id
-        self._reap_children(rid)
-        handles = [h for h in (live.handle if live else None, resource.handle) if h]
-        targets = {found.stat.pid: found.stat for handle in handles if (found := self._from_handle(rid, handle))}
-        if not targets:
-            # Nothing recorded finds it: it may run unrecorded (an agent died right after starting it). A second
-            # leader with the same markers (a workload that made a session of its own) is left to the reconcile
-            # loop, which removes what carries the markers of no service.
-            targets = {f.stat.pid: f.stat for f in await asyncio.to_thread(self._scan, rid)}
-        await asyncio.gather(*(self._stop_one(rid, stat, stop_timeout) for stat in targets.values()))
+    async def _stopped(self, rid: ResourceId, handles: Sequence[Mapping[str, Any]], stopped: set[int]) -> None:
         # A leader that ended before may have left members of its session behind; they carry our markers.
         for handle in handles:
             pid, start_time = handle.get("pid"), handle.get("start_time")
-            if type(pid) is int and type(start_time) is int and pid not in targets and pid > 0:
+            if type(pid) is int and type(start_time) is int and pid not in stopped and pid > 0:
                 await asyncio.to_thread(self._kill_session, pid, start_time, rid=rid)
-        self._exits.pop(rid, None)
 
     async def _stop_one(self, rid: ResourceId, stat: procfs.ProcStat, stop_timeout: float) -> None:
         pid = stat.pid
@@ -455,62 +311,6 @@ class ProcessDelegate(Delegate):
         except OSError as e:
             raise DelegateError(f"cannot remove the log of {rid}: {e}") from e
 
-    # --- children and watches ---
-
-    def _reap(self, pid: int) -> None:
-        child = _CHILDREN.get(pid)
-        if child is None or (returncode := child.popen.poll()) is None:
-            return
-        del _CHILDREN[pid]
-        if child.host == self.context.host:
-            self._exits[child.rid] = _Exit(pid, child.spec_hash, returncode)
-
-    def _reap_children(self, rid: ResourceId | None = None) -> None:
-        """Reap every child that has ended (of one resource, with ``rid``), so that none stays a zombie while no
-        watch covers it. An inspect reaps only its own: a pass inspects every resource, and polling every child
-        for each would cost the square of the number of children every pass."""
-        for pid, child in list(_CHILDREN.items()):
-            if rid is None or child.rid == rid:
-                self._reap(pid)
-
-    def _watch(self, rid: ResourceId, stat: procfs.ProcStat) -> None:
-        if self._closed or stat.pid in self._watched:
-            return
-        try:
-            pidfd = os.pidfd_open(stat.pid)
-        except ProcessLookupError:
-            self._events.put_nowait(rid)
-            return
-        now = procfs.read_stat(stat.pid)
-        if now is None or now.start_time != stat.start_time:  # gone, and its pid reused, since it was found
-            os.close(pidfd)
-            self._events.put_nowait(rid)
-            return
-        loop = asyncio.get_running_loop()
-        loop.add_reader(pidfd, self._on_exit, stat.pid)
-        self._watched[stat.pid] = _Watch(rid, pidfd, loop)
-
-    def _unwatch(self, pid: int) -> _Watch | None:
-        watch = self._watched.pop(pid, None)
-        if watch is not None:
-            watch.loop.remove_reader(watch.pidfd)
-            os.close(watch.pidfd)
-        return watch
-
-    def _on_exit(self, pid: int) -> None:
-        watch = self._unwatch(pid)
-        if watch is not None:
-            self._reap(pid)
-            self._events.put_nowait(watch.rid)
-
-
-def _parse_marker(text: str) -> ResourceId | None:
-    """The id a ``KHUTULUN_RESOURCE`` marker holds, or None for one that is not an id."""
-    try:
-        return ResourceId.parse(text)
-    except InvalidInputError:
-        return None
-
 
 def _kill_exactly(stat: procfs.ProcStat) -> None:
     """SIGKILL the process ``stat`` describes, and no other that has taken its pid since."""
@@ -525,17 +325,3 @@ def _kill_exactly(stat: procfs.ProcStat) -> None:
                 signal.pidfd_send_signal(pidfd, signal.SIGKILL)
     finally:
         os.close(pidfd)
-
-
-def _early_exit_message(program: str, returncode: int, log_path: Path, log_start: int) -> str:
-    _, how = exit_status(returncode)
-    message = f"{program!r} {how} right after it started"
-    try:
-        with log_path.open("rb") as log:
-            log.seek(tail_offset(log, _LOG_TAIL_LINES, start=log_start))
-            lines = log.read().decode(errors="replace").splitlines()
-    except OSError:
-        lines = []
-    if not lines:
-        return f"{message} (its log, {log_path}, is empty)"
-    return f"{message}; the last lines of its log ({log_path}):\n" + "\n".join(f"  {line}" for line in lines)
