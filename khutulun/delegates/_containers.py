@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, TypeGuard
 
+from khutulun.delegates import _specfields as specfields
+from khutulun.delegates._specfields import is_text
 from khutulun.errors import DelegateError
 from khutulun.resources import Live, LiveState, Resource, ResourceId
 
@@ -114,34 +116,25 @@ class ContainerSpec:
         """Validate a spec; every problem is named in one DelegateError."""
         spec = resource.spec
         problems: list[str] = []
-        unknown = sorted(set(spec) - _SPEC_KEYS)
-        if unknown:
-            problems.append(f"unknown keys {unknown!r} (known: {sorted(_SPEC_KEYS)!r})")
+        specfields.unknown_keys(spec, _SPEC_KEYS, problems)
 
         image = spec.get("image")
-        if not (_is_text(image) and image and not image.isspace()):
+        if not (is_text(image) and image and not image.isspace()):
             problems.append(f"'image' must be an image reference, not {image!r}")
             image = ""
         archives = {key: spec.get(key) for key in ("image_archive", "rootfs_archive")}
         for key, path in archives.items():
-            if path is not None and not (_is_text(path) and Path(path).is_absolute()):
-                problems.append(f"{key!r} must be an absolute path or null, not {path!r}")
+            specfields.absolute_path(key, path, problems)
         if all(archives.values()):
             problems.append("give 'image_archive' or 'rootfs_archive', not both")
 
         command = spec.get("command")
         if command is not None and not (isinstance(command, list | tuple) and command
-                                        and all(_is_text(a) for a in command)):
+                                        and all(is_text(a) for a in command)):
             problems.append(f"'command' must be a non-empty list of strings or null, not {command!r}")
             command = None
 
-        environment = spec.get("environment") or {}
-        if not isinstance(environment, Mapping):
-            problems.append(f"'environment' must map names to strings, not {environment!r}")
-            environment = {}
-        for key, value in environment.items():
-            if not (_is_text(key) and key and "=" not in key and _is_text(value)):
-                problems.append(f"'environment' entry {key!r}: {value!r} is not a name (without '=') and a string")
+        environment = specfields.environment(spec.get("environment"), problems)
 
         ports = _parse_ports(spec.get("ports"), problems)
         mounts = parse_mounts(spec.get("mounts"), problems)
@@ -156,13 +149,7 @@ class ContainerSpec:
             problems.append(f"'memory' must be a number of bytes above 0, or null, not {memory!r}")
             memory = None
 
-        stop_timeout = spec.get("stop_timeout")
-        if stop_timeout is None:
-            stop_timeout = default_stop_timeout
-        if isinstance(stop_timeout, bool) or not isinstance(stop_timeout, int | float) \
-                or not math.isfinite(stop_timeout) or stop_timeout < 0:
-            problems.append(f"'stop_timeout' must be a number of seconds (0 or more), not {stop_timeout!r}")
-            stop_timeout = default_stop_timeout
+        stop_timeout = specfields.stop_timeout(spec.get("stop_timeout"), default_stop_timeout, problems)
 
         network = spec.get("network") or "bridge"
         if network not in NETWORKS:
@@ -177,9 +164,6 @@ class ContainerSpec:
                    tuple(command) if command is not None else None, dict(environment), ports, mounts,
                    float(cpus) if cpus is not None else None, memory, float(stop_timeout), str(network))
 
-
-def _is_text(value: Any) -> TypeGuard[str]:
-    return isinstance(value, str) and "\0" not in value
 
 
 def _is_port(value: Any) -> TypeGuard[int]:
@@ -205,7 +189,7 @@ def _parse_ports(value: Any, problems: list[str]) -> tuple[Port, ...]:
         where = f"port {name or entry!r}"
         if unknown:
             problems.append(f"{where} has unknown keys {unknown!r} (known: {sorted(_PORT_KEYS)!r})")
-        if not _is_text(name) or (address is not None and not (_is_text(address) and address)):
+        if not is_text(name) or (address is not None and not (is_text(address) and address)):
             problems.append(f"{where}: 'name' and 'host_address' must be strings (host_address may be null)")
             continue
         if not (_is_port(host_port) and _is_port(container_port)):
@@ -239,7 +223,7 @@ def parse_mounts(value: Any, problems: list[str]) -> tuple[Mount, ...]:
         source, target, read_only = entry.get("source"), entry.get("target"), entry.get("read_only", False)
         if unknown:
             problems.append(f"mount {target!r} has unknown keys {unknown!r} (known: {sorted(_MOUNT_KEYS)!r})")
-        if not (_is_text(source) and Path(source).is_absolute() and _is_text(target) and Path(target).is_absolute()):
+        if not (is_text(source) and Path(source).is_absolute() and is_text(target) and Path(target).is_absolute()):
             problems.append(f"a mount's 'source' and 'target' must be absolute paths, not {source!r} and {target!r}")
             continue
         if read_only is None:

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import math
 import os
 import shutil
 import signal
@@ -39,8 +38,8 @@ from collections.abc import Mapping, Sequence
 from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
+from khutulun.delegates import _specfields as fields
 from khutulun.delegates import procfs
 from khutulun.delegates._containers import Mount, parse_mounts
 from khutulun.delegates._hostio import ended_within, start_exec
@@ -86,13 +85,10 @@ class NspawnSpec:
         """Validate a spec; every problem is named in one DelegateError."""
         spec = resource.spec
         problems: list[str] = []
-        unknown = sorted(set(spec) - _SPEC_KEYS)
-        if unknown:
-            problems.append(f"unknown keys {unknown!r} (known: {sorted(_SPEC_KEYS)!r})")
+        fields.unknown_keys(spec, _SPEC_KEYS, problems)
         root, archive = spec.get("root"), spec.get("rootfs_archive")
         for key, path in (("root", root), ("rootfs_archive", archive)):
-            if path is not None and not (_is_text(path) and Path(path).is_absolute()):
-                problems.append(f"{key!r} must be an absolute path or null, not {path!r}")
+            fields.absolute_path(key, path, problems)
         if (root is None) == (archive is None):
             problems.append("give exactly one of 'root' and 'rootfs_archive'")
         boot = spec.get("boot") or False
@@ -102,32 +98,17 @@ class NspawnSpec:
         command = spec.get("command")
         if boot and command is not None:
             problems.append("a container that boots runs its own init: 'command' must be null")
-        elif not boot and not (isinstance(command, list | tuple) and command and all(_is_text(a) for a in command)
+        elif not boot and not (isinstance(command, list | tuple) and command and all(fields.is_text(a) for a in command)
                                and command[0]):
             problems.append(f"'command' must be a non-empty list of strings (or 'boot' true), not {command!r}")
-        environment = spec.get("environment") or {}
-        if not isinstance(environment, Mapping):
-            problems.append(f"'environment' must map names to strings, not {environment!r}")
-            environment = {}
-        for key, value in environment.items():
-            if not (_is_text(key) and key and "=" not in key and _is_text(value)):
-                problems.append(f"'environment' entry {key!r}: {value!r} is not a name (without '=') and a string")
+        environment = fields.environment(spec.get("environment"), problems)
         mounts = parse_mounts(spec.get("mounts"), problems)
-        stop_timeout = spec.get("stop_timeout")
-        if stop_timeout is None:
-            stop_timeout = default_stop_timeout
-        if isinstance(stop_timeout, bool) or not isinstance(stop_timeout, int | float) \
-                or not math.isfinite(stop_timeout) or stop_timeout < 0:
-            problems.append(f"'stop_timeout' must be a number of seconds (0 or more), not {stop_timeout!r}")
-            stop_timeout = default_stop_timeout
+        stop_timeout = fields.stop_timeout(spec.get("stop_timeout"), default_stop_timeout, problems)
         if problems:
             raise DelegateError(f"the nspawn spec of {resource.id} is not valid: " + "; ".join(problems))
         return cls(root, archive, tuple(command) if command and not boot else None, boot, dict(environment), mounts,
                    float(stop_timeout))
 
-
-def _is_text(value: Any) -> bool:
-    return isinstance(value, str) and "\0" not in value
 
 
 def _escape(path: str) -> str:

@@ -19,7 +19,6 @@ A spec, as the agent builds it::
 from __future__ import annotations
 
 import asyncio
-import math
 import os
 import shutil
 import signal
@@ -30,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from khutulun.delegates import _specfields as fields
 from khutulun.delegates import procfs
 from khutulun.delegates._hostio import ended_within, start_exec
 from khutulun.delegates._supervised import (
@@ -67,44 +67,25 @@ class ProcessSpec:
         """Validate a spec; every problem is named in one DelegateError."""
         spec = resource.spec
         problems: list[str] = []
-        unknown = sorted(set(spec) - _SPEC_KEYS)
-        if unknown:
-            problems.append(f"unknown keys {unknown!r} (known: {sorted(_SPEC_KEYS)!r})")
+        fields.unknown_keys(spec, _SPEC_KEYS, problems)
 
         command = spec.get("command")
-        if not (isinstance(command, list | tuple) and command and all(_is_text(a) for a in command)
+        if not (isinstance(command, list | tuple) and command and all(fields.is_text(a) for a in command)
                 and command[0]):
             problems.append(f"'command' must be a non-empty list of strings, not {command!r}")
             command = ()
 
-        environment = spec.get("environment") or {}
-        if not isinstance(environment, Mapping):
-            problems.append(f"'environment' must map names to strings, not {environment!r}")
-            environment = {}
-        for key, value in environment.items():
-            if not (_is_text(key) and key and "=" not in key and _is_text(value)):
-                problems.append(f"'environment' entry {key!r}: {value!r} is not a name (without '=') and a string")
+        environment = fields.environment(spec.get("environment"), problems)
 
         working_directory = spec.get("working_directory")
-        if working_directory is not None and not (_is_text(working_directory)
-                                                  and Path(working_directory).is_absolute()):
-            problems.append(f"'working_directory' must be an absolute path or null, not {working_directory!r}")
+        fields.absolute_path("working_directory", working_directory, problems)
 
-        stop_timeout = spec.get("stop_timeout", default_stop_timeout)
-        if stop_timeout is None:
-            stop_timeout = default_stop_timeout
-        if isinstance(stop_timeout, bool) or not isinstance(stop_timeout, int | float) \
-                or not math.isfinite(stop_timeout) or stop_timeout < 0:
-            problems.append(f"'stop_timeout' must be a number of seconds (0 or more), not {stop_timeout!r}")
-            stop_timeout = default_stop_timeout
+        stop_timeout = fields.stop_timeout(spec.get("stop_timeout"), default_stop_timeout, problems)
 
         if problems:
             raise DelegateError(f"the process spec of {resource.id} is not valid: " + "; ".join(problems))
         return cls(tuple(command), dict(environment), working_directory, float(stop_timeout))
 
-
-def _is_text(value: Any) -> bool:
-    return isinstance(value, str) and "\0" not in value
 
 
 class ProcessDelegate(SupervisedDelegate):
