@@ -22,7 +22,6 @@ import asyncio
 import contextlib
 import dataclasses
 import enum
-import ipaddress
 import logging
 import math
 import secrets
@@ -35,7 +34,14 @@ from khutulun.cluster import _swim
 from khutulun.cluster.metadata import Announcement, HostMetadata, decode, encode
 from khutulun.cluster.ports import PortClaim
 from khutulun.cluster.secret import read_secret
-from khutulun.cluster.settings import Clock, ClusterSettings, SystemClock, parse_address, suspicion_timeout
+from khutulun.cluster.settings import (
+    Clock,
+    ClusterSettings,
+    SystemClock,
+    is_ip,
+    parse_address,
+    suspicion_timeout,
+)
 from khutulun.cluster.view import (
     EventKind,
     Member,
@@ -82,14 +88,6 @@ class EventStream:
 
     def close(self) -> None:
         self._subscribers.discard(self._queue)
-
-
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
 
 
 class Cluster:
@@ -538,7 +536,7 @@ class Cluster:
         host, port = parse_address(address, what="seed address")
         if port == 0:
             raise InvalidInputError(f"the seed address {address!r} needs a port")
-        if _is_ip(host):
+        if is_ip(host):
             return f"{host}:{port}"
         family = socket.AF_INET6 if ":" in self._name.rpartition(":")[0] else socket.AF_INET
         try:

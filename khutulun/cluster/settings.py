@@ -16,7 +16,7 @@ from typing import Any, Protocol
 
 from khutulun.errors import InvalidInputError
 
-__all__ = ["DEFAULT_PORT", "Clock", "ClusterSettings", "SystemClock", "parse_address", "suspicion_timeout"]
+__all__ = ["DEFAULT_PORT", "Clock", "ClusterSettings", "SystemClock", "is_ip", "parse_address", "suspicion_timeout"]
 
 DEFAULT_PORT = 7946  # memberlist's and Serf's gossip port: operators' firewalls already know it
 
@@ -69,7 +69,7 @@ def parse_address(text: str, *, default_port: int = DEFAULT_PORT, what: str = "a
     return host, port
 
 
-def _is_ip(host: str) -> bool:
+def is_ip(host: str) -> bool:
     try:
         ipaddress.ip_address(host)
     except ValueError:
@@ -112,7 +112,7 @@ class ClusterSettings:
                                     "advertise to other hosts (advertise = 'HOST:PORT')")
         if self.advertise is not None:
             adv_host, adv_port = parse_address(self.advertise, what="gossip advertise address")
-            if not _is_ip(adv_host):
+            if not is_ip(adv_host):
                 raise InvalidInputError(f"the gossip advertise address {self.advertise!r} must be an IP address")
             if adv_port == 0:
                 raise InvalidInputError(f"the gossip advertise address {self.advertise!r} needs a port")
