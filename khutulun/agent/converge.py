@@ -164,11 +164,16 @@ class Converger:
         return found
 
     async def situation(self, namespace: str, service: str, record: ServiceRecord | None,
-                        prior: Mapping[ResourceId, ResourceRecord], listing: Listing | None = None) -> Situation:
-        """What is desired (by ``record``), applied and running for the service on this host."""
+                        prior: Mapping[ResourceId, ResourceRecord], listing: Listing | None = None, *,
+                        host: str | None = None) -> Situation:
+        """What is desired (by ``record``), applied and running for the service on this host.
+
+        With another ``host``: that host's part as far as the shared state tells, for a preview. Only its own
+        agent can see what runs there, so what its records say stands in for what runs."""
+        remote = host is not None and host != self.ctx.host
         if listing is None:
-            listing = await self.listing()
-        host = self.ctx.host
+            listing = {} if remote else await self.listing()
+        host = host or self.ctx.host
         wanted: list[DesiredResource] = []
         stored: dict[str, str] = {}
         if record is not None and record.status is not ServiceStatus.DESTROYING:
@@ -188,6 +193,10 @@ class Converger:
         situation = Situation(namespace, service, record, desired, mine, {}, [], known,
                               artifacts={path: name for name, path in stored.items()})
         accounted = set(desired) | set(mine)
+        if remote:
+            situation.live = {rid: Live(r.state, r.spec_hash, r.handle, r.attributes, r.message)
+                              for rid, r in mine.items()}
+            return situation
         for rid in accounted:
             situation.live[rid] = await self._inspect(situation, rid, listing)
         # Resources of this service found running here with no record: started just before a crash.

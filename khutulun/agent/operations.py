@@ -151,7 +151,14 @@ class Operations:
                                      status=ServiceStatus.DEPLOYING, topology=topology, placement=placement,
                                      artifacts=store.artifact_digests(bundle.blobs))
         situation = await self.converger.situation(namespace, service, hypothetical, snapshot.resources)
-        return self.converger.plan(situation), placement
+        plan = self.converger.plan(situation)
+        # The other hosts' parts, from the shared state: what each is to run, against what its records say.
+        others = ({i.host for i in placement.instances} | {r.host for r in snapshot.resources.values()}) \
+            - {self.ctx.host}
+        for host in sorted(others):
+            theirs = await self.converger.situation(namespace, service, hypothetical, snapshot.resources, host=host)
+            plan = replace(plan, steps=plan.steps + self.converger.plan(theirs).steps)
+        return plan, placement
 
     async def deploy(self, namespace: str, service: str, topology: Topology, bundle: Bundle,
                      inputs: Mapping[str, Any], *, check_index: int | None = None, template: str | None = None,

@@ -236,6 +236,16 @@ def test_three_agents_gossip_place_apart_and_serve_at_their_host_addresses(clust
     assert sorted(h["name"] for h in listed) == sorted(a.name for a in cluster.agents)
     assert {h["labels"]["rack"] for h in listed} == {"r1", "r2"}
 
+    # Preview says which host gets each instance, and why.
+    shown = first.cli("preview", str(template(tmp_path, count=3, separate=True)), "--service", "spread").stdout
+    assert all(a.name in shown for a in cluster.agents) and "PLACED ON" in shown and "BECAUSE" in shown, shown
+    # Four instances kept apart on three hosts cannot be placed: the deploy fails before anything starts.
+    refused = first.cli("deploy", str(template(tmp_path, count=4, separate=True)), "--service", "crowded",
+                        check=False)
+    assert refused.returncode == 7, refused.stdout + refused.stderr
+    assert "cannot place web/" in refused.stderr and "Traceback" not in refused.stderr, refused.stderr
+    assert "crowded" not in first.cli("list").stdout and not any(a.workloads() for a in cluster.agents)
+
     # Deployed through the first agent; each agent starts its own part.
     first.cli("deploy", str(template(tmp_path, count=3, separate=True)), "--service", "spread")
     placed = instances(first, "spread")
@@ -243,6 +253,11 @@ def test_three_agents_gossip_place_apart_and_serve_at_their_host_addresses(clust
     for instance in placed:
         assert wait_until(f"{instance['instance']} answers", functools.partial(answers, cluster, instance), 20) \
             == instance["host"]
+
+    # A preview right after, on any agent, has nothing to do on any host.
+    again = cluster.agents[1].cli("preview", str(template(tmp_path, count=3, separate=True)), "--service",
+                                  "spread").stdout
+    assert "Nothing to do" in again, again
 
     # Another agent sees the same service, in the same shared state, running where it was placed.
     seen = instances(cluster.agents[2], "spread")
