@@ -146,6 +146,26 @@ def test_a_killed_container_runs_again_within_three_seconds(runtime_agent: Agent
     agent.cli("destroy", "site", "--purge")
 
 
+def test_a_labelled_container_no_service_wants_is_removed_and_a_foreign_one_is_left(runtime_agent: Agent) -> None:
+    """The reconcile loop's sweep (the same for Docker, whose delegate shares the code): a container with this
+    host's labels for a service that does not exist goes; one without our labels is never touched."""
+    agent = runtime_agent
+    image = os.environ.get("KHUTULUN_TEST_IMAGE") or pytest.skip("KHUTULUN_TEST_IMAGE is not set")
+    labels = ["--label", "khutulun.resource=default/ghost/web/0", "--label", f"khutulun.host={agent.host}",
+              "--label", "khutulun.spec-hash=0"]
+    ghost = engine("podman", "run", "-d", *labels, "--name", f"ghost-{agent.host}", image, "sleep", "300")
+    foreign = engine("podman", "run", "-d", "--name", f"foreign-{agent.host}", image, "sleep", "300")
+    try:
+        deadline = time.monotonic() + 20
+        while ghost in engine("podman", "ps", "-aq", "--no-trunc"):
+            assert time.monotonic() < deadline, "the labelled container of no service is still there"
+            time.sleep(0.2)
+        assert engine("podman", "inspect", "--format", "{{.State.Running}}", foreign) == "true"
+    finally:
+        for container in (ghost, foreign):
+            engine("podman", "rm", "-f", "-t", "0", container, check=False)
+
+
 EXTRA = """
     extra:
       type: khutulun.nodes.Container
