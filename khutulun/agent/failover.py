@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 
 from khutulun.agent.context import AgentContext
-from khutulun.agent.hosts import HostsView, instances_on
+from khutulun.agent.hosts import HEARTBEAT_INTERVAL, HostsView, instances_on
 from khutulun.errors import KhutulunError
 from khutulun.resources import ResourceId
 from khutulun.scheduler import HostInfo, PortRequest, place
@@ -28,9 +28,6 @@ from khutulun.state import Event, ServiceRecord, ServiceStatus
 __all__ = ["Mover"]
 
 log = logging.getLogger(__name__)
-
-HEARTBEAT_INTERVAL = 1.0
-"""Seconds between an agent's heartbeats in the shared state."""
 
 
 class Mover:
@@ -92,14 +89,6 @@ class Mover:
                 log.warning("cannot write this host's heartbeat: %s", e.message)
             await asyncio.sleep(HEARTBEAT_INTERVAL)
 
-    def _still_writes(self, host: str, grace: float, now: float) -> bool:
-        """Whether ``host``'s agent wrote its heartbeat within the grace. Gossip alone cannot tell a dead host
-        from one cut off from this one's network; the shared directory is the witness. A host that gossip calls
-        dead but whose agent still writes the shared state keeps its instances: moving them would run each twice
-        (and a host on the far side of a partition would move ours)."""
-        beat = self.ctx.store.heartbeat(host)
-        return beat is not None and now - beat < grace
-
     async def watch(self) -> None:
         """Move the instances of hosts that stay dead past the grace (the deciding agent only)."""
         grace = self.ctx.config.failover_grace
@@ -112,7 +101,9 @@ class Mover:
             for host, since in self.hosts.dead_since().items():
                 if now - since < grace or self.moved.get(host, 0.0) > since:
                     continue
-                if await self.ctx.io(self._still_writes, host, grace + HEARTBEAT_INTERVAL, now):
+                # A host cut off from this one's network, not dead: moving its instances would run each twice
+                # (and a host on the far side of a partition would move ours).
+                if await self.ctx.io(self.hosts.still_writes, host, now):
                     if host not in partitioned:
                         partitioned.add(host)
                         log.warning("host %s is dead to gossip but its agent still writes the shared state: its "

@@ -17,7 +17,10 @@ from khutulun.resources import ResourceId
 from khutulun.scheduler import HostInfo, demand
 from khutulun.state import HostRecord, ServiceRecord
 
-__all__ = ["HostView", "HostsView"]
+__all__ = ["HEARTBEAT_INTERVAL", "HostView", "HostsView"]
+
+HEARTBEAT_INTERVAL = 1.0
+"""Seconds between an agent's heartbeats in the shared state."""
 
 
 @dataclass(frozen=True)
@@ -35,6 +38,10 @@ class HostView:
     labels: dict[str, str]
     instances: int
     since: float
+    heartbeat: float | None = None
+    """When its agent last wrote its heartbeat into the shared state (its clock); None: never."""
+    cut_off: bool = False
+    """Dead to gossip, while its agent still writes the shared state: its instances stay where they are."""
 
 
 class HostsView:
@@ -107,8 +114,16 @@ class HostsView:
                                 eligible=record.eligible if record else True, cpus=record.cpus if record else 0.0,
                                 memory=record.memory if record else 0,
                                 labels=dict(record.labels) if record else {}, instances=placed.get(name, 0),
-                                since=since))
+                                since=since, heartbeat=self.ctx.store.heartbeat(name),
+                                cut_off=state == "dead" and self.still_writes(name, time.time())))
         return out
+
+    def still_writes(self, host: str, now: float) -> bool:
+        """Whether ``host``'s agent wrote its heartbeat within the failover grace (blocking: reads the shared
+        state). Gossip alone cannot tell a dead host from one cut off from this one's network; the shared
+        directory is the witness."""
+        beat = self.ctx.store.heartbeat(host)
+        return beat is not None and now - beat < self.ctx.config.failover_grace + HEARTBEAT_INTERVAL
 
     def dead_since(self) -> dict[str, float]:
         """Hosts gossip says are dead, and since when."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import click
 from rich.markup import escape
 
@@ -21,12 +23,18 @@ def host() -> None:
 def list_(state: CliState) -> None:
     """Name, address, status (alive, suspect, left, dead), capacity and what is placed on each host."""
     data = state.with_client(lambda c: c.get("/v1/hosts"))
-    rows = [[h["name"], h["address"], h["status"] + ("" if h["eligible"] else ", drained"),
+    rows = [[h["name"], h["address"], h["status"] + _still_writes(h) + ("" if h["eligible"] else ", drained"),
              f"{h['cpus']:g}" if h["cpus"] else "", f"{h['memory'] // 2**20} MiB" if h["memory"] else "",
              ",".join(f"{k}={v}" for k, v in sorted(h["labels"].items())), h["instances"], ago(h["since"])]
             for h in data["hosts"]]
     emit(state, data["hosts"], lambda: table(state, ["HOST", "ADDRESS", "STATUS", "CPUS", "MEMORY", "LABELS",
                                                       "INSTANCES", "SINCE"], rows))
+
+
+def _still_writes(host: dict[str, Any]) -> str:
+    """A host gossip calls dead whose agent still writes the shared state is cut off, not gone: its instances
+    stay where they are, and the table says why."""
+    return " (cut off: its agent still writes the shared state)" if host.get("cut_off") else ""
 
 
 @host.command()

@@ -370,6 +370,9 @@ def test_a_cut_off_host_keeps_its_instances_and_a_frozen_one_gives_them_up_when_
         time.sleep(2 + 3)  # the failover grace, and then some
         assert {i["instance"]: i["host"] for i in instances(survivor, "kept")} == placed
         assert victim.workloads() == [copy]
+        listed = next(h for h in survivor.json("host", "list") if h["name"] == victim.name)
+        assert listed["status"] == "dead" and listed["cut_off"] is True
+        assert "cut off: its agent still writes the shared state" in survivor.cli("host", "list").stdout
     finally:
         cluster.rig.reconnect(victim.host)
     wait_until("the reconnected host alive again", lambda: status_of(victim.name) == "alive", 30)
