@@ -19,7 +19,7 @@ The file is ``$KHUTULUN_CONFIG``, or ``$XDG_CONFIG_HOME/khutulun/config.toml`` i
     port_range = [20000, 32000]
     reconcile_interval = 1.0
     gossip = "10.0.0.5:7946"           # join a cluster: gossip here (needs listen, token_file, gossip_secret_file)
-    seeds = ["10.0.0.1:7946"]
+    seeds = ["10.0.0.1:7946"]           # or, on one network segment: discovery = true (UDP multicast)
     gossip_secret_file = "/etc/khutulun/gossip.key"
     labels = {zone = "a"}
     [timeouts]
@@ -84,6 +84,9 @@ class Config:
     """The ``host:port`` other hosts reach this one's gossip at, when ``gossip`` binds a wildcard address."""
     seeds: tuple[str, ...] = ()
     """Gossip addresses of hosts to join through."""
+    discovery: str | None = None
+    """Find hosts on this network segment by UDP multicast: a ``group:port``, or ``"default"`` (``true`` in the
+    file) for the cluster's default group, 239.255.70.46:7947."""
     gossip_secret_file: Path | None = None
     """The cluster's gossip secret (required with ``gossip``; readable by the agent's user only)."""
     labels: Mapping[str, str] = field(default_factory=dict)
@@ -157,6 +160,11 @@ def _convert(key: str, value: Any, where: str) -> Any:
             return float(value)
         if key in _INTS:
             return int(value)
+        if key == "discovery":
+            text = str(value).strip().lower() if not isinstance(value, bool) else ("true" if value else "false")
+            if text in ("", "false", "off", "no", "0"):
+                return None
+            return "default" if text in ("true", "on", "yes", "1") else str(value).strip()
         if key == "seeds":
             items = value.split(",") if isinstance(value, str) else list(value)
             return tuple(str(item).strip() for item in items if str(item).strip())

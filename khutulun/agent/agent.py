@@ -29,7 +29,7 @@ from khutulun.agent.failover import Mover
 from khutulun.agent.hosts import HostsView
 from khutulun.agent.operations import Operations, host_record
 from khutulun.agent.reconcile import Reconciler
-from khutulun.cluster import Cluster, ClusterSettings, HostMetadata
+from khutulun.cluster import DEFAULT_GROUP, Cluster, ClusterSettings, HostMetadata
 from khutulun.config import Config
 from khutulun.delegates import DelegateContext, delegate_classes
 from khutulun.errors import InvalidInputError, KhutulunError, StateError
@@ -123,7 +123,8 @@ class Agent:
             raise InvalidInputError("joining a cluster (gossip) needs listen and token_file (other agents call "
                                     "this one's API) and gossip_secret_file")
         settings = ClusterSettings(secret_file=config.gossip_secret_file, bind=config.gossip,
-                                   advertise=config.gossip_advertise, seeds=config.seeds)
+                                   advertise=config.gossip_advertise, seeds=config.seeds,
+                                   discovery=DEFAULT_GROUP if config.discovery == "default" else config.discovery)
         return Cluster(settings, HostMetadata(name=ctx.host, api=record.api, address=record.address, cpus=record.cpus,
                                               memory=record.memory, labels=dict(record.labels),
                                               eligible=record.eligible, version=__version__))

@@ -17,10 +17,18 @@ Only :mod:`khutulun.errors` exceptions leave this package.
 
 from khutulun.cluster.membership import Cluster, ClusterState, EventStream
 from khutulun.cluster.metadata import HostMetadata
-from khutulun.cluster.settings import DEFAULT_PORT, Clock, ClusterSettings, SystemClock, suspicion_timeout
+from khutulun.cluster.settings import (
+    DEFAULT_GROUP,
+    DEFAULT_PORT,
+    Clock,
+    ClusterSettings,
+    SystemClock,
+    suspicion_timeout,
+)
 from khutulun.cluster.view import EventKind, Member, MembershipEvent, MemberStatus
 
 __all__ = [
+    "DEFAULT_GROUP",
     "DEFAULT_PORT",
     "Clock",
     "Cluster",

@@ -31,6 +31,7 @@ from types import TracebackType
 from typing import Any
 
 from khutulun.cluster import _swim
+from khutulun.cluster.discovery import Discovery
 from khutulun.cluster.metadata import Announcement, HostMetadata, decode, encode
 from khutulun.cluster.ports import PortClaim
 from khutulun.cluster.secret import read_secret
@@ -268,6 +269,10 @@ class Cluster:
         self._group = group = await self._stack.enter_async_context(asyncio.TaskGroup())
         self._tasks = [group.create_task(self._run(), name=f"gossip {self._name}"),
                        group.create_task(self._watch(worker_task), name=f"gossip watch {self._name}")]
+        if settings.discovery is not None:
+            discovery = Discovery(settings.discovery, secret=secret, interface=adv_host, gossip=self._name,
+                                  known=self._knows, join=self.add_peer, interval=settings.beacon_interval)
+            self._tasks.append(group.create_task(discovery.run(), name=f"gossip discovery {self._name}"))
         log.info("gossip on %s as %s (seeds: %s)", self._name, self._metadata.name,
                  ", ".join(sorted(self._seeds | self._unresolved)) or "none")
 
@@ -294,6 +299,11 @@ class Cluster:
         await asyncio.wait([worker])
         error = None if worker.cancelled() else worker.exception()
         raise InternalError(f"swim's gossip worker stopped: {error!r}")
+
+    def _knows(self, address: str) -> bool:
+        """Whether ``address`` is a member this host has heard from, or is trying to reach."""
+        member = self._require_view().get(address)
+        return (member is not None and member.available) or address in self._seeds
 
     # -- hooks: called synchronously from inside swim (through _Hooks); record and wake the run loop ---------
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import math
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +17,8 @@ from typing import Any, Protocol
 
 from khutulun.errors import InvalidInputError
 
-__all__ = ["DEFAULT_PORT", "Clock", "ClusterSettings", "SystemClock", "is_ip", "parse_address", "suspicion_timeout"]
+__all__ = ["DEFAULT_GROUP", "DEFAULT_PORT", "Clock", "ClusterSettings", "SystemClock", "is_ip", "parse_address",
+           "parse_group", "suspicion_timeout"]
 
 DEFAULT_PORT = 7946  # memberlist's and Serf's gossip port: operators' firewalls already know it
 
@@ -77,6 +79,24 @@ def is_ip(host: str) -> bool:
     return True
 
 
+DEFAULT_GROUP = "239.255.70.46:7947"
+"""Multicast discovery's group: organization-local (RFC 2365), on the port after gossip's."""
+
+
+def parse_group(text: str) -> tuple[str, int]:
+    """``group[:port]`` → (group, port); the group must be an IPv4 multicast address."""
+    group, port = parse_address(text, default_port=int(DEFAULT_GROUP.rpartition(":")[2]), what="discovery group")
+    try:
+        packed = socket.inet_aton(group)
+    except OSError:
+        raise InvalidInputError(f"the discovery group {text!r} is not an IPv4 address") from None
+    if not 224 <= packed[0] <= 239 or group.count(".") != 3:
+        raise InvalidInputError(f"the discovery group {text!r} is not a multicast address (224.0.0.0/4)")
+    if port == 0:
+        raise InvalidInputError(f"the discovery group {text!r} needs a port")
+    return group, port
+
+
 @dataclass(frozen=True)
 class ClusterSettings:
     """Everything a :class:`~khutulun.cluster.Cluster` needs from outside, in seconds where it is a time."""
@@ -90,6 +110,9 @@ class ClusterSettings:
     """The ``host:port`` other members reach this one at; needed when ``bind`` is a wildcard address."""
     seeds: tuple[str, ...] = ()
     """Members to join through (``host:port``); none for the first host of a cluster."""
+    discovery: str | None = None
+    """A multicast ``group:port`` to find other hosts on the segment by (:data:`DEFAULT_GROUP`); None: off."""
+    beacon_interval: float = 10.0  # discovery's beacons, the first five at a fifth of it
 
     ping_interval: float = 1.0  # one probe of one member, round-robin
     ping_timeout: float = 0.3  # a direct probe's ack
@@ -118,9 +141,11 @@ class ClusterSettings:
                 raise InvalidInputError(f"the gossip advertise address {self.advertise!r} needs a port")
         for seed in self.seeds:
             parse_address(seed, what="seed address")
+        if self.discovery is not None:
+            parse_group(self.discovery)
         positive = {name: getattr(self, name) for name in (
             "ping_interval", "ping_timeout", "ping_req_timeout", "suspicion_mult", "sync_interval", "push_interval",
-            "leave_timeout", "reconnect_interval", "forget_after", "resolve_timeout")}
+            "leave_timeout", "reconnect_interval", "forget_after", "resolve_timeout", "beacon_interval")}
         for name, value in positive.items():
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise InvalidInputError(f"the gossip setting {name} = {value!r} must be a positive number of seconds")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import signal
 import sys
 import time
+from collections.abc import Callable
 
 import pytest
 
@@ -245,3 +246,17 @@ def test_every_host_sees_one_shared_directory_with_working_locks(nodes: Nodes) -
         assert not (rig.mount / "lock").exists()  # outside the hosts, the mount point is an empty directory
     finally:
         holder.stop()
+
+
+def test_hosts_on_one_segment_find_each_other_by_multicast_without_seeds(nodes: Nodes) -> None:
+    group = {"discovery": "239.255.70.46:17947", "beacon_interval": 2.0}
+    procs = [nodes.start(host, settings=group) for host in (1, 2, 3)]
+
+    def joined(address: str) -> Callable[[Line], bool]:
+        return lambda line: (line["event"] == "member" and line["kind"] == "joined" and line["address"] == address
+                             and line["metadata"] is not None)
+
+    for proc, host in zip(procs, (1, 2, 3), strict=True):
+        for other in {1, 2, 3} - {host}:
+            proc.wait_for(joined(nodes.address(other)), 15)
+

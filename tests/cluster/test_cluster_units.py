@@ -11,9 +11,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from khutulun.cluster import ClusterSettings, EventKind, HostMetadata, MemberStatus, suspicion_timeout
+from khutulun.cluster.discovery import beacon, read_beacon
 from khutulun.cluster.metadata import FORMAT_KEY, MAX_ENCODED, Announcement, decode, encode
 from khutulun.cluster.secret import read_secret
-from khutulun.cluster.settings import parse_address
+from khutulun.cluster.settings import DEFAULT_GROUP, parse_address, parse_group
 from khutulun.cluster.view import Member, Observation, Seen, View
 from khutulun.errors import InvalidInputError
 
@@ -246,3 +247,25 @@ def test_dead_and_left_members_expire() -> None:
     assert view.expired(60) == ["10.0.0.2:7946"]
     view.remove("10.0.0.2:7946")
     assert [m.name for m in view.members()] == ["me", "web-3"]
+
+
+def test_a_beacon_is_read_only_with_the_secret_and_while_it_is_fresh() -> None:
+    secret = b"0123456789abcdef"
+    sent = beacon(secret, "10.0.0.5:7946", 1000.0)
+    assert read_beacon(secret, sent, 1010.0) == "10.0.0.5:7946"
+    assert read_beacon(b"another secret!!", sent, 1010.0) is None
+    assert read_beacon(secret, sent, 1000.0 + 61) is None  # a replay, long after
+    assert read_beacon(secret, sent.replace(b"10.0.0.5", b"10.0.0.6"), 1010.0) is None  # tampered
+    assert read_beacon(secret, b"short", 1010.0) is None
+
+
+def test_discovery_groups_are_multicast_addresses(tmp_path: Path) -> None:
+    assert parse_group(DEFAULT_GROUP) == ("239.255.70.46", 7947)
+    assert parse_group("239.1.2.3") == ("239.1.2.3", 7947)
+    for bad in ("10.0.0.1:7947", "239.1.2.3:0", "ff02::1", "multicast:1"):
+        with pytest.raises(InvalidInputError, match="discovery group"):
+            parse_group(bad)
+    secret = _secret(tmp_path, 0o600)
+    with pytest.raises(InvalidInputError, match="not a multicast address"):
+        ClusterSettings(secret_file=secret, discovery="10.1.1.1:7947")
+

@@ -56,3 +56,14 @@ def test_cluster_settings_from_a_file_and_from_the_environment(tmp_path: Path) -
     env = {"HOME": str(tmp_path), "KHUTULUN_SEEDS": "a:1, b:2,", "KHUTULUN_LABELS": "zone=a,disk=ssd"}
     config = load_config(env)
     assert config.seeds == ("a:1", "b:2") and dict(config.labels) == {"zone": "a", "disk": "ssd"}
+
+
+@pytest.mark.parametrize(("given", "expected"), [
+    ("true", "default"), ("on", "default"), ("false", None), ("", None), ("239.1.2.3:9000", "239.1.2.3:9000")])
+def test_discovery_is_a_switch_or_a_group(tmp_path: Path, given: str, expected: str | None) -> None:
+    config = load_config({"HOME": str(tmp_path), "KHUTULUN_DISCOVERY": given})
+    assert config.discovery == expected
+    path = tmp_path / "config.toml"
+    path.write_text("discovery = true\n")
+    assert load_config({"HOME": str(tmp_path), "KHUTULUN_CONFIG": str(path)}).discovery == "default"
+
