@@ -124,8 +124,9 @@ class SupervisedDelegate(Delegate):
         """A cheap first look at every process of a scan (before its environment is read)."""
 
     @abstractmethod
-    async def _stop_one(self, rid: ResourceId, stat: procfs.ProcStat, stop_timeout: float) -> None:
-        """Stop one process of ``rid`` (ours when found; check again under a pidfd), and reap it."""
+    async def _terminate(self, rid: ResourceId, stat: procfs.ProcStat, pidfd: int, stop_timeout: float) -> None:
+        """End one process of ``rid``, checked to be ours and pinned by ``pidfd``: a stop, a grace of
+        ``stop_timeout``, then a kill."""
 
     async def _stopped(self, rid: ResourceId, handles: Sequence[Mapping[str, Any]], stopped: set[int]) -> None:
         """After a stop: what else the subclass cleans up (``stopped``: the pids it stopped)."""
@@ -234,6 +235,22 @@ class SupervisedDelegate(Delegate):
         await asyncio.gather(*(self._stop_one(rid, stat, stop_timeout) for stat in targets.values()))
         await self._stopped(rid, handles, set(targets))
         self._exits.pop(rid, None)
+
+    async def _stop_one(self, rid: ResourceId, stat: procfs.ProcStat, stop_timeout: float) -> None:
+        pid = stat.pid
+        self._unwatch(pid)  # a stop we make is not news for watch()
+        try:
+            pidfd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            return
+        try:
+            # Check again now that the pidfd pins it: it may have ended (and its pid been reused) since it was found.
+            if (now := self._ours(procfs.read_stat(pid), rid)) is None or now.stat.start_time != stat.start_time:
+                return
+            await self._terminate(rid, stat, pidfd, stop_timeout)
+        finally:
+            os.close(pidfd)
+        self._reap(pid)
 
     # --- children and watches ---
 

@@ -376,35 +376,24 @@ class NspawnDelegate(SupervisedDelegate):
 
     # --- stopping ---
 
-    async def _stop_one(self, rid: ResourceId, stat: procfs.ProcStat, stop_timeout: float) -> None:
+    async def _terminate(self, rid: ResourceId, stat: procfs.ProcStat, pidfd: int, stop_timeout: float) -> None:
         pid = stat.pid
-        self._unwatch(pid)  # a stop we make is not news for watch()
-        try:
-            pidfd = os.pidfd_open(pid)
-        except ProcessLookupError:
-            return
-        try:
-            if (now := self._ours(procfs.read_stat(pid), rid)) is None or now.stat.start_time != stat.start_time:
-                return  # ended (and its pid perhaps reused) since it was found
+        leader = await asyncio.to_thread(_leader, pid)
+        command = None if leader is None or _boots(pid) else await asyncio.to_thread(_command, leader)
+        if command is not None:
+            _signal_exactly(command, signal.SIGTERM)
+        elif leader is not None:  # booted; or the command has ended, and nothing is left to wait for
+            _signal_exactly(leader, _BOOT_SHUTDOWN if _boots(pid) else signal.SIGKILL)
+        else:  # still setting the container up: nspawn passes its --kill-signal on once there is a leader
+            signal.pidfd_send_signal(pidfd, signal.SIGTERM)
+        if not await ended_within(pidfd, stop_timeout):
+            # SIGKILL to the leader ends every process in its pid namespace; nspawn then ends by itself.
             leader = await asyncio.to_thread(_leader, pid)
-            command = None if leader is None or _boots(pid) else await asyncio.to_thread(_command, leader)
-            if command is not None:
-                _signal_exactly(command, signal.SIGTERM)
-            elif leader is not None:  # booted; or the command has ended, and nothing is left to wait for
-                _signal_exactly(leader, _BOOT_SHUTDOWN if _boots(pid) else signal.SIGKILL)
-            else:  # still setting the container up: nspawn passes its --kill-signal on once there is a leader
-                signal.pidfd_send_signal(pidfd, signal.SIGTERM)
-            if not await ended_within(pidfd, stop_timeout):
-                # SIGKILL to the leader ends every process in its pid namespace; nspawn then ends by itself.
-                leader = await asyncio.to_thread(_leader, pid)
-                if leader is not None:
-                    _signal_exactly(leader, signal.SIGKILL)
+            if leader is not None:
+                _signal_exactly(leader, signal.SIGKILL)
+            if not await ended_within(pidfd, _KILL_WAIT):
+                with suppress(ProcessLookupError):
+                    signal.pidfd_send_signal(pidfd, signal.SIGKILL)
                 if not await ended_within(pidfd, _KILL_WAIT):
-                    with suppress(ProcessLookupError):
-                        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
-                    if not await ended_within(pidfd, _KILL_WAIT):
-                        raise DelegateError(f"systemd-nspawn {pid} of {rid} did not end {_KILL_WAIT:g} s after "
-                                            "SIGKILL (is it stuck in the kernel?)")
-        finally:
-            os.close(pidfd)
-        self._reap(pid)
+                    raise DelegateError(f"systemd-nspawn {pid} of {rid} did not end {_KILL_WAIT:g} s after "
+                                        "SIGKILL (is it stuck in the kernel?)")

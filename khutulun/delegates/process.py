@@ -227,28 +227,16 @@ class ProcessDelegate(SupervisedDelegate):
             if type(pid) is int and type(start_time) is int and pid not in stopped and pid > 0:
                 await asyncio.to_thread(self._kill_session, pid, start_time, rid=rid)
 
-    async def _stop_one(self, rid: ResourceId, stat: procfs.ProcStat, stop_timeout: float) -> None:
+    async def _terminate(self, rid: ResourceId, stat: procfs.ProcStat, pidfd: int, stop_timeout: float) -> None:
         pid = stat.pid
-        self._unwatch(pid)  # a stop we make is not news for watch()
-        try:
-            pidfd = os.pidfd_open(pid)
-        except ProcessLookupError:
-            return
-        try:
-            # Check again now that the pidfd pins it: it may have ended (and its pid been reused) since it was found.
-            if (now := self._ours(procfs.read_stat(pid), rid)) is None or now.stat.start_time != stat.start_time:
-                return
-            # The leader is alive, so its pid is its process group's id and no one else's.
-            self._signal_group(pid, signal.SIGTERM)
-            if not await ended_within(pidfd, stop_timeout):
-                self._signal_group(pid, signal.SIGKILL)
-                if not await ended_within(pidfd, _KILL_WAIT):
-                    raise DelegateError(f"the process {pid} of {rid} did not end {_KILL_WAIT:g} s after SIGKILL "
-                                        "(is it stuck in the kernel?)")
-            await asyncio.to_thread(self._kill_session, pid, stat.start_time, rid=None)
-        finally:
-            os.close(pidfd)
-        self._reap(pid)
+        # The leader is alive, so its pid is its process group's id and no one else's.
+        self._signal_group(pid, signal.SIGTERM)
+        if not await ended_within(pidfd, stop_timeout):
+            self._signal_group(pid, signal.SIGKILL)
+            if not await ended_within(pidfd, _KILL_WAIT):
+                raise DelegateError(f"the process {pid} of {rid} did not end {_KILL_WAIT:g} s after SIGKILL "
+                                    "(is it stuck in the kernel?)")
+        await asyncio.to_thread(self._kill_session, pid, stat.start_time, rid=None)
 
     @staticmethod
     def _signal_group(pgid: int, sig: signal.Signals) -> None:
