@@ -129,8 +129,7 @@ class ContainerSpec:
             problems.append("give 'image_archive' or 'rootfs_archive', not both")
 
         command = spec.get("command")
-        if command is not None and not (isinstance(command, list | tuple) and command
-                                        and all(is_text(a) for a in command)):
+        if command is not None and not specfields.is_command(command):
             problems.append(f"'command' must be a non-empty list of strings or null, not {command!r}")
             command = None
 

@@ -8,11 +8,16 @@ from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any, TypeGuard
 
-__all__ = ["absolute_path", "environment", "is_text", "stop_timeout", "unknown_keys"]
+__all__ = ["absolute_path", "environment", "is_command", "is_text", "stop_timeout", "unknown_keys"]
 
 
 def is_text(value: Any) -> TypeGuard[str]:
     return isinstance(value, str) and "\0" not in value
+
+
+def is_command(value: Any) -> TypeGuard[list[str] | tuple[str, ...]]:
+    """A non-empty list of strings whose first, the program, is not empty."""
+    return isinstance(value, list | tuple) and bool(value) and all(is_text(a) for a in value) and bool(value[0])
 
 
 def unknown_keys(spec: Mapping[str, Any], known: Collection[str], problems: list[str]) -> None:

@@ -67,7 +67,6 @@ _COMMAND_SHUTDOWN = signal.SIGRTMIN + 3  # nspawn's --kill-signal in command mod
 _BOOT_SHUTDOWN = signal.SIGRTMIN + 4  # to systemd: power off
 _LEADER_WAIT = 5.0  # seconds nspawn has to set the container up before it counts as started anyway
 _KILL_WAIT = 5.0
-_HASH_CHUNK = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -98,8 +97,7 @@ class NspawnSpec:
         command = spec.get("command")
         if boot and command is not None:
             problems.append("a container that boots runs its own init: 'command' must be null")
-        elif not boot and not (isinstance(command, list | tuple) and command and all(fields.is_text(a) for a in command)
-                               and command[0]):
+        elif not boot and not fields.is_command(command):
             problems.append(f"'command' must be a non-empty list of strings (or 'boot' true), not {command!r}")
         environment = fields.environment(spec.get("environment"), problems)
         mounts = parse_mounts(spec.get("mounts"), problems)
@@ -167,27 +165,9 @@ def _command(leader: procfs.ProcStat) -> procfs.ProcStat | None:
     return min(children, key=lambda s: s.start_time, default=None)
 
 
-def _signal_exactly(stat: procfs.ProcStat, sig: int) -> None:
-    """Send ``sig`` to the process ``stat`` describes, and to no other that has taken its pid since."""
-    try:
-        pidfd = os.pidfd_open(stat.pid)
-    except ProcessLookupError:
-        return
-    try:
-        now = procfs.read_stat(stat.pid)
-        if now is not None and now.start_time == stat.start_time:
-            with suppress(ProcessLookupError):
-                signal.pidfd_send_signal(pidfd, sig)
-    finally:
-        os.close(pidfd)
-
-
 def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
     with Path(path).open("rb") as f:
-        while chunk := f.read(_HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 class NspawnDelegate(SupervisedDelegate):
@@ -381,16 +361,16 @@ class NspawnDelegate(SupervisedDelegate):
         leader = await asyncio.to_thread(_leader, pid)
         command = None if leader is None or _boots(pid) else await asyncio.to_thread(_command, leader)
         if command is not None:
-            _signal_exactly(command, signal.SIGTERM)
+            procfs.signal_exactly(command, signal.SIGTERM)
         elif leader is not None:  # booted; or the command has ended, and nothing is left to wait for
-            _signal_exactly(leader, _BOOT_SHUTDOWN if _boots(pid) else signal.SIGKILL)
+            procfs.signal_exactly(leader, _BOOT_SHUTDOWN if _boots(pid) else signal.SIGKILL)
         else:  # still setting the container up: nspawn passes its --kill-signal on once there is a leader
             signal.pidfd_send_signal(pidfd, signal.SIGTERM)
         if not await ended_within(pidfd, stop_timeout):
             # SIGKILL to the leader ends every process in its pid namespace; nspawn then ends by itself.
             leader = await asyncio.to_thread(_leader, pid)
             if leader is not None:
-                _signal_exactly(leader, signal.SIGKILL)
+                procfs.signal_exactly(leader, signal.SIGKILL)
             if not await ended_within(pidfd, _KILL_WAIT):
                 with suppress(ProcessLookupError):
                     signal.pidfd_send_signal(pidfd, signal.SIGKILL)

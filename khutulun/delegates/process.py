@@ -24,7 +24,6 @@ import shutil
 import signal
 import subprocess
 from collections.abc import Mapping, Sequence
-from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -70,8 +69,7 @@ class ProcessSpec:
         fields.unknown_keys(spec, _SPEC_KEYS, problems)
 
         command = spec.get("command")
-        if not (isinstance(command, list | tuple) and command and all(fields.is_text(a) for a in command)
-                and command[0]):
+        if not fields.is_command(command):
             problems.append(f"'command' must be a non-empty list of strings, not {command!r}")
             command = ()
 
@@ -265,7 +263,7 @@ class ProcessDelegate(SupervisedDelegate):
                 environment = procfs.read_environ(member.pid) or {}
                 if environment.get(RESOURCE_MARKER) != str(rid) or environment.get(HOST_MARKER) != self.context.host:
                     continue
-            _kill_exactly(member)
+            procfs.signal_exactly(member, signal.SIGKILL, same_session=True)
 
     def _remove_files(self, rid: ResourceId, *, remove_working_directory: bool) -> None:
         try:
@@ -279,18 +277,3 @@ class ProcessDelegate(SupervisedDelegate):
             self.log_path(rid).unlink(missing_ok=True)
         except OSError as e:
             raise DelegateError(f"cannot remove the log of {rid}: {e}") from e
-
-
-def _kill_exactly(stat: procfs.ProcStat) -> None:
-    """SIGKILL the process ``stat`` describes, and no other that has taken its pid since."""
-    try:
-        pidfd = os.pidfd_open(stat.pid)
-    except ProcessLookupError:
-        return
-    try:
-        now = procfs.read_stat(stat.pid)
-        if now is not None and now.start_time == stat.start_time and now.session == stat.session:
-            with suppress(ProcessLookupError):
-                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
-    finally:
-        os.close(pidfd)

@@ -8,8 +8,10 @@ since a process can end between any two reads and callers treat "gone" and "unre
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +26,7 @@ __all__ = [
     "parse_stat",
     "read_environ",
     "read_stat",
+    "signal_exactly",
     "start_time_to_epoch",
 ]
 
@@ -150,3 +153,21 @@ def boot_time(proc: Path = PROC) -> float:
 def start_time_to_epoch(start_time: int, proc: Path = PROC) -> float:
     """A stat ``start_time`` (clock ticks after boot) as seconds since the epoch."""
     return boot_time(proc) + start_time / os.sysconf("SC_CLK_TCK")
+
+
+def signal_exactly(stat: ProcStat, sig: int, *, same_session: bool = False) -> None:
+    """Send ``sig`` to the process ``stat`` describes and to no other that has taken its pid since: the pidfd
+    pins the process while its start time (and, with ``same_session``, its session) is checked again."""
+    try:
+        pidfd = os.pidfd_open(stat.pid)
+    except ProcessLookupError:
+        return
+    try:
+        now = read_stat(stat.pid)
+        if now is not None and now.start_time == stat.start_time and (not same_session
+                                                                     or now.session == stat.session):
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(pidfd, sig)
+    finally:
+        os.close(pidfd)
+

@@ -149,27 +149,13 @@ class Cleanup:
             await delegate.close()
         leftovers = [s for s in procfs.iter_stats() if (procfs.read_environ(s.pid) or {}).get(HOST_MARKER) == self.host]
         for stat in leftovers:
-            _kill_exactly(stat)
+            procfs.signal_exactly(stat, signal.SIGKILL)
         if leftovers:
             await asyncio.sleep(0.1)  # SIGKILL is delivered at once, but the processes take a moment to end
         # Reap whatever of ours that killed (or that a test killed by hand), so no zombie outlives the test.
         reaper = ProcessDelegate(DelegateContext(self.host, Path("/nonexistent"), Timeouts()))
         await reaper.list()
         await reaper.close()
-
-
-def _kill_exactly(stat: procfs.ProcStat) -> None:
-    try:
-        pidfd = os.pidfd_open(stat.pid)
-    except ProcessLookupError:
-        return
-    try:
-        now = procfs.read_stat(stat.pid)
-        if now is not None and now.start_time == stat.start_time:
-            with contextlib.suppress(ProcessLookupError):
-                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
-    finally:
-        os.close(pidfd)
 
 
 @pytest.fixture
