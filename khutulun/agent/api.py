@@ -21,6 +21,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, replace
 from typing import Any
 
+import aiohttp
 from aiohttp import WSMsgType, web
 
 from khutulun import __version__, codec
@@ -275,6 +276,18 @@ async def _relay_logs(request: web.Request, client: Client) -> web.StreamRespons
     return response
 
 
+async def _forward(source: web.WebSocketResponse | aiohttp.ClientWebSocketResponse,
+                   sink: web.WebSocketResponse | aiohttp.ClientWebSocketResponse) -> None:
+    """Text and binary messages from ``source`` to ``sink``, until ``source`` closes or says anything else."""
+    async for message in source:
+        if message.type is WSMsgType.TEXT:
+            await sink.send_str(message.data)
+        elif message.type is WSMsgType.BINARY:
+            await sink.send_bytes(message.data)
+        else:
+            break
+
+
 async def _relay_exec(request: web.Request, client: Client) -> web.WebSocketResponse:
     async with client:
         remote = await client.websocket(request.path)
@@ -282,24 +295,12 @@ async def _relay_exec(request: web.Request, client: Client) -> web.WebSocketResp
         await ws.prepare(request)
 
         async def upstream() -> None:
-            async for message in ws:
-                if message.type is WSMsgType.BINARY:
-                    await remote.send_bytes(message.data)
-                elif message.type is WSMsgType.TEXT:
-                    await remote.send_str(message.data)
-                else:
-                    break
+            await _forward(ws, remote)  # stdin, resizes, EOF
             await remote.close()
 
         forwarder = asyncio.create_task(upstream(), name="exec relay")
         try:
-            async for message in remote:  # the other agent's output, until it says the command ended
-                if message.type is WSMsgType.TEXT:
-                    await ws.send_str(message.data)
-                elif message.type is WSMsgType.BINARY:
-                    await ws.send_bytes(message.data)
-                else:
-                    break
+            await _forward(remote, ws)  # the other agent's output, until it says the command ended
         finally:
             forwarder.cancel()
             with contextlib.suppress(asyncio.CancelledError):

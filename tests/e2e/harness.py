@@ -16,6 +16,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,18 @@ from khutulun.delegates.podman import stop_own_service
 ROOT = Path(__file__).resolve().parents[2]
 PASSED = frozenset({"KHUTULUN_PODMAN_SOCKET", "KHUTULUN_DOCKER_SOCKET"})
 """Settings of this machine's runtimes (scripts/setup-containers) that the agents under test use too."""
+
+
+def run_cli(args: Sequence[str], env: Mapping[str, str], *, check: bool = True, timeout: float = 120.0,
+            where: str = "") -> subprocess.CompletedProcess[str]:
+    """``khutulun ARGS`` as a user runs it, in ``env``; with ``check``, an exit status other than 0 fails the test
+    with what the command said (``where`` says which agent it was asked of)."""
+    result = subprocess.run([sys.executable, "-m", "khutulun.cli", *args], env=dict(env), capture_output=True,
+                            text=True, timeout=timeout, cwd=ROOT, check=False)
+    if check and result.returncode != 0:
+        raise AssertionError(f"khutulun {' '.join(args)}{where} exited {result.returncode}\nstdout:\n"
+                             f"{result.stdout}\nstderr:\n{result.stderr}")
+    return result
 
 
 @dataclass(frozen=True)
@@ -103,12 +116,7 @@ class Agent:
 
     def cli(self, *args: str, check: bool = True, timeout: float = 120.0,
             env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-        result = subprocess.run([sys.executable, "-m", "khutulun.cli", *args], env={**self.env, **(env or {})},
-                                capture_output=True, text=True, timeout=timeout, cwd=ROOT, check=False)
-        if check and result.returncode != 0:
-            raise AssertionError(f"khutulun {' '.join(args)} exited {result.returncode}\nstdout:\n{result.stdout}\n"
-                                 f"stderr:\n{result.stderr}")
-        return result
+        return run_cli(args, {**self.env, **(env or {})}, check=check, timeout=timeout)
 
     def json(self, *args: str) -> Any:
         return json.loads(self.cli("-o", "json", *args).stdout)

@@ -26,7 +26,7 @@ import pytest
 
 from khutulun.delegates.podman import stop_own_service
 from tests.cluster.rig import Host, Proc, Rig, write_secret
-from tests.e2e.harness import PASSED, ROOT, _environ, _stat
+from tests.e2e.harness import PASSED, _environ, _stat, run_cli
 
 pytestmark = [pytest.mark.e2e, pytest.mark.multihost]
 
@@ -80,12 +80,7 @@ class HostAgent:
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         env = {**{k: v for k, v in os.environ.items() if not k.startswith("KHUTULUN_") or k in PASSED},
                "KHUTULUN_AGENT": f"unix:{self.socket}", "KHUTULUN_DATA_DIR": str(self.data)}
-        result = subprocess.run([sys.executable, "-m", "khutulun.cli", *args], env=env, capture_output=True,
-                                text=True, timeout=180, cwd=ROOT, check=False)
-        if check and result.returncode != 0:
-            raise AssertionError(f"khutulun {' '.join(args)} (on {self.name}) exited {result.returncode}\n"
-                                 f"{result.stdout}\n{result.stderr}")
-        return result
+        return run_cli(args, env, check=check, timeout=180, where=f" (on {self.name})")
 
     def json(self, *args: str) -> Any:
         return json.loads(self.cli("-o", "json", *args).stdout)
