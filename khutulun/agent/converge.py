@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -163,17 +163,10 @@ class Converger:
                     found[rid] = (delegate.name, live)
         return found
 
-    async def situation(self, namespace: str, service: str, record: ServiceRecord | None,
-                        prior: Mapping[ResourceId, ResourceRecord], listing: Listing | None = None, *,
-                        host: str | None = None) -> Situation:
-        """What is desired (by ``record``), applied and running for the service on this host.
-
-        With another ``host``: that host's part as far as the shared state tells, for a preview. Only its own
-        agent can see what runs there, so what its records say stands in for what runs."""
-        remote = host is not None and host != self.ctx.host
-        if listing is None:
-            listing = {} if remote else await self.listing()
-        host = host or self.ctx.host
+    def _wanted(self, namespace: str, service: str, record: ServiceRecord | None,
+                prior: Mapping[ResourceId, ResourceRecord]
+                ) -> tuple[list[DesiredResource], dict[str, str], dict[ResourceId, dict[str, Any]]]:
+        """What ``record`` wants on every host, the stored artifacts by path, and the attributes known so far."""
         wanted: list[DesiredResource] = []
         stored: dict[str, str] = {}
         if record is not None and record.status is not ServiceStatus.DESTROYING:
@@ -188,21 +181,45 @@ class Converger:
             # What a delegate reported (a path, a pid) comes from the record; where the instance is (host,
             # address, ports) from the placement wanted now, which a record of an earlier revision may predate.
             known[rid] = {**r.attributes, **known.get(rid, {})}
-        desired = {d.id: d for d in wanted if d.host == host}
-        mine = {rid: r for rid, r in prior.items() if r.host == host}
-        situation = Situation(namespace, service, record, desired, mine, {}, [], known,
-                              artifacts={path: name for name, path in stored.items()})
-        accounted = set(desired) | set(mine)
-        if remote:
-            situation.live = {rid: Live(r.state, r.spec_hash, r.handle, r.attributes, r.message)
-                              for rid, r in mine.items()}
-            return situation
+        return wanted, {path: name for name, path in stored.items()}, known
+
+    @staticmethod
+    def _at(host: str, namespace: str, service: str, record: ServiceRecord | None,
+            prior: Mapping[ResourceId, ResourceRecord], wanted: list[DesiredResource], artifacts: dict[str, str],
+            known: dict[ResourceId, dict[str, Any]]) -> Situation:
+        """``host``'s part, before anything is found out about what runs. Situations made from one ``known``
+        share it: only one of them may run steps (the others are a preview's)."""
+        return Situation(namespace, service, record, {d.id: d for d in wanted if d.host == host},
+                         {rid: r for rid, r in prior.items() if r.host == host}, {}, [],
+                         known, artifacts=artifacts)
+
+    async def situation(self, namespace: str, service: str, record: ServiceRecord | None,
+                        prior: Mapping[ResourceId, ResourceRecord], listing: Listing | None = None) -> Situation:
+        """What is desired (by ``record``), applied and running for the service on this host."""
+        if listing is None:
+            listing = await self.listing()
+        situation = self._at(self.ctx.host, namespace, service, record, prior,
+                             *self._wanted(namespace, service, record, prior))
+        accounted = set(situation.desired) | set(situation.prior)
         for rid in accounted:
             situation.live[rid] = await self._inspect(situation, rid, listing)
         # Resources of this service found running here with no record: started just before a crash.
         situation.orphans = [(rid, name, live) for rid, (name, live) in listing.items()
                              if rid.namespace == namespace and rid.service == service and rid not in accounted]
         return situation
+
+    def recorded_situations(self, namespace: str, service: str, record: ServiceRecord | None,
+                            prior: Mapping[ResourceId, ResourceRecord], hosts: Iterable[str]) -> list[Situation]:
+        """Other hosts' parts as far as the shared state tells, for a preview: only a host's own agent can see
+        what runs there, so what its records say stands in for what runs."""
+        wanted = self._wanted(namespace, service, record, prior)
+        out = []
+        for host in hosts:
+            situation = self._at(host, namespace, service, record, prior, *wanted)
+            situation.live = {rid: Live(r.state, r.spec_hash, r.handle, r.attributes, r.message)
+                              for rid, r in situation.prior.items()}
+            out.append(situation)
+        return out
 
     def _resource(self, situation: Situation, rid: ResourceId) -> Resource:
         """The resource as its delegate knows it: the desired spec when it resolves, else the one applied."""
@@ -257,19 +274,16 @@ class Converger:
     # or removal happens under the service lock only when this host still owns it, so that two hosts never
     # claim one instance. The copy a host no longer owns is an orphan on its next pass, and is removed.
 
-    def _owner(self, rid: ResourceId, current: ResourceRecord | None) -> str:
-        """The host that owns ``rid`` now (the caller holds the service lock): its placement's, else the one
-        its record names, else this one."""
-        service = self.ctx.store.read_service(rid.namespace, rid.service)
-        placed = service.placement.get(rid.node, rid.index) if service is not None else None
-        return placed.host if placed is not None else current.host if current is not None else self.ctx.host
-
     def _keep_record(self, record: ResourceRecord) -> None:
         current = self.ctx.store.read_resource(record.id)
-        owner = self._owner(record.id, current)
-        if owner != record.host:
-            log.info("%s now belongs to host %s: this host's copy is not recorded", record.id, owner)
-            return
+        if current is not None and current.host != record.host:
+            # Another host recorded it: a take-over, when the placement now gives the instance to this host (the
+            # service record, with the whole topology, is read only in this rare case, not on every step).
+            service = self.ctx.store.read_service(record.id.namespace, record.id.service)
+            placed = service.placement.get(record.id.node, record.id.index) if service is not None else None
+            if placed is None or placed.host != record.host:
+                log.info("%s belongs to host %s: this host's copy is not recorded", record.id, current.host)
+                return
         self.ctx.store.write_resource(record)
 
     def _drop_record(self, rid: ResourceId) -> None:

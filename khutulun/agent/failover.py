@@ -41,22 +41,25 @@ class Mover:
         """Place again every instance placed on ``host`` (blocking: shared state and locks)."""
         store = self.ctx.store
         moved: list[ResourceId] = []
-        for service in store.all_services():
+        # Read once; each service moved replaces its entry, so that the next is placed knowing where it went.
+        services = {(s.namespace, s.name): s for s in store.all_services()}
+        for key, service in list(services.items()):
             if not instances_on(service, host) or service.status is ServiceStatus.DESTROYING:
                 continue
-            others = [s for s in store.read_all_services()
-                      if (s.namespace, s.name) != (service.namespace, service.name)]
-            candidates = self.hosts.placeable(others, exclude=host)
+            candidates = self.hosts.placeable([s for k, s in services.items() if k != key], exclude=host)
             with store.service_lock(service.namespace, service.name):
                 current = store.read_service(service.namespace, service.name)
                 if current is None or not instances_on(current, host):
                     continue  # another agent moved them meanwhile, or the service went
-                moved += self._replace(current, host, candidates, why)
+                services[key], leaving = self._replace(current, host, candidates, why)
+                moved += leaving
         if moved:
             self.moved[host] = time.time()
         return moved
 
-    def _replace(self, service: ServiceRecord, gone: str, candidates: list[HostInfo], why: str) -> list[ResourceId]:
+    def _replace(self, service: ServiceRecord, gone: str, candidates: list[HostInfo], why: str
+                 ) -> tuple[ServiceRecord, list[ResourceId]]:
+        """Place ``service``'s instances on ``gone`` again; the service as written, and the instances moved."""
         store = self.ctx.store
         ids = {(i.node, i.index): str(ResourceId(service.namespace, service.name, i.node, i.index))
                for i in service.placement.instances}
@@ -78,7 +81,7 @@ class Mover:
         store.append_event(service.namespace, service.name, Event(now, "move", f"{why}: moved {moves}",
                                                                   host=self.ctx.host, revision=record.revision))
         log.info("%s/%s: %s: moved %s", service.namespace, service.name, why, moves)
-        return leaving
+        return record, leaving
 
     async def beat(self) -> None:
         """Write this agent's heartbeat into the shared state, every second, for as long as it runs."""

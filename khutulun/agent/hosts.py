@@ -114,15 +114,17 @@ class HostsView:
                                 eligible=record.eligible if record else True, cpus=record.cpus if record else 0.0,
                                 memory=record.memory if record else 0,
                                 labels=dict(record.labels) if record else {}, instances=placed.get(name, 0),
-                                since=since, heartbeat=self.ctx.store.heartbeat(name),
-                                cut_off=state == "dead" and self.still_writes(name, time.time())))
+                                since=since, heartbeat=(beat := self.ctx.store.heartbeat(name)),
+                                cut_off=state == "dead" and self._fresh(beat, time.time())))
         return out
 
     def still_writes(self, host: str, now: float) -> bool:
         """Whether ``host``'s agent wrote its heartbeat within the failover grace (blocking: reads the shared
         state). Gossip alone cannot tell a dead host from one cut off from this one's network; the shared
         directory is the witness."""
-        beat = self.ctx.store.heartbeat(host)
+        return self._fresh(self.ctx.store.heartbeat(host), now)
+
+    def _fresh(self, beat: float | None, now: float) -> bool:
         return beat is not None and now - beat < self.ctx.config.failover_grace + HEARTBEAT_INTERVAL
 
     def dead_since(self) -> dict[str, float]:

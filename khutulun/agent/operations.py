@@ -155,8 +155,8 @@ class Operations:
         # The other hosts' parts, from the shared state: what each is to run, against what its records say.
         others = ({i.host for i in placement.instances} | {r.host for r in snapshot.resources.values()}) \
             - {self.ctx.host}
-        for host in sorted(others):
-            theirs = await self.converger.situation(namespace, service, hypothetical, snapshot.resources, host=host)
+        for theirs in self.converger.recorded_situations(namespace, service, hypothetical, snapshot.resources,
+                                                         sorted(others)):
             plan = replace(plan, steps=plan.steps + self.converger.plan(theirs).steps)
         return plan, placement
 
