@@ -377,6 +377,8 @@ class Engine(abc.ABC):
     """The unix socket of its API, for the streams ``_enginehttp`` reads."""
     died_event: ClassVar[str]
     """The action of the event an engine sends when a container's main process ends."""
+    log_stamp_resolution: ClassVar[float]
+    """How finely the stamps of its log lines tell time, in seconds (Podman 4.3 gives whole seconds)."""
 
     @abc.abstractmethod
     def close(self) -> None: ...
@@ -429,7 +431,9 @@ class Engine(abc.ABC):
     def exec_resize(self, exec_id: str, rows: int, columns: int) -> None: ...
 
     @abc.abstractmethod
-    def logs_path(self, container_id: str, *, follow: bool, tail: int | None, since: float | None) -> str: ...
+    def logs_path(self, container_id: str, *, follow: bool, tail: int | None, since: float | None,
+                  until: float | None = None) -> str:
+        """The logs of both streams, each line stamped (``timestamps``), between ``since`` and ``until``."""
 
     @abc.abstractmethod
     def exec_start_path(self, exec_id: str) -> str: ...
@@ -455,6 +459,13 @@ def check_socket(path: str) -> None:
 
 def _filters(mapping: Mapping[str, list[str]]) -> str:
     return urllib.parse.quote(json.dumps(mapping, separators=(",", ":")))
+
+
+def log_window(since: float | None, until: float | None) -> str:
+    """The ``since`` and ``until`` query parameters both engines take, to the microsecond (both filter at least
+    that finely, whatever the resolution of the stamps they print)."""
+    return "".join(f"&{name}={moment:.6f}" for name, moment in (("since", since), ("until", until))
+                   if moment is not None)
 
 
 def events_filters(label: str, action: str) -> str:

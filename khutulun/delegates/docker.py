@@ -31,6 +31,7 @@ from khutulun.delegates._containers import (
     EngineError,
     check_socket,
     events_filters,
+    log_window,
 )
 from khutulun.errors import DelegateError
 
@@ -67,6 +68,7 @@ def _listed(attrs: Mapping[str, Any]) -> EngineContainer:
 class DockerEngine(Engine):
     runtime = "Docker"
     died_event = "die"
+    log_stamp_resolution = 1e-9
 
     def __init__(self, socket_path: str) -> None:
         self.socket_path = socket_path
@@ -191,10 +193,11 @@ class DockerEngine(Engine):
         with _errors():
             self._api.exec_resize(exec_id, height=rows, width=columns)
 
-    def logs_path(self, container_id: str, *, follow: bool, tail: int | None, since: float | None) -> str:
-        path = (f"{self._prefix}/containers/{container_id}/logs?stdout=1&stderr=1&follow={int(follow)}"
+    def logs_path(self, container_id: str, *, follow: bool, tail: int | None, since: float | None,
+                  until: float | None = None) -> str:
+        path = (f"{self._prefix}/containers/{container_id}/logs?stdout=1&stderr=1&timestamps=1&follow={int(follow)}"
                 f"&tail={tail if tail is not None else 'all'}")
-        return path + (f"&since={since:.6f}" if since is not None else "")
+        return path + log_window(since, until)
 
     def exec_start_path(self, exec_id: str) -> str:
         return f"{self._prefix}/exec/{exec_id}/start"

@@ -50,6 +50,7 @@ from khutulun.delegates._containers import (
     EngineError,
     check_socket,
     events_filters,
+    log_window,
     parse_engine_time,
 )
 from khutulun.delegates._hostio import tail_offset
@@ -96,6 +97,7 @@ def _quote(name: str) -> str:
 class PodmanEngine(Engine):
     runtime = "Podman"
     died_event = "died"
+    log_stamp_resolution = 1.0  # its API prints log stamps to the second
 
     def __init__(self, socket_path: str) -> None:
         self.socket_path = socket_path
@@ -216,10 +218,12 @@ class PodmanEngine(Engine):
     def exec_resize(self, exec_id: str, rows: int, columns: int) -> None:
         self._call("POST", f"/exec/{exec_id}/resize", params={"h": rows, "w": columns})
 
-    def logs_path(self, container_id: str, *, follow: bool, tail: int | None, since: float | None) -> str:
-        path = (f"{self._prefix}/containers/{container_id}/logs?stdout=true&stderr=true&follow={str(follow).lower()}"
+    def logs_path(self, container_id: str, *, follow: bool, tail: int | None, since: float | None,
+                  until: float | None = None) -> str:
+        path = (f"{self._prefix}/containers/{container_id}/logs?stdout=true&stderr=true&timestamps=true"
+                f"&follow={str(follow).lower()}"
                 f"&tail={tail if tail is not None else -1}")
-        return path + (f"&since={since:.6f}" if since is not None else "")
+        return path + log_window(since, until)
 
     def exec_start_path(self, exec_id: str) -> str:
         return f"{self._prefix}/exec/{exec_id}/start"

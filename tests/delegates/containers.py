@@ -293,7 +293,8 @@ class ContainerCases:
         await asyncio.to_thread(runtime.kill, live.handle["id"])  # the agent starts it again: the log goes on
         stopped = await delegate.inspect(recorded)
         await delegate.apply(recorded, stopped)
-        assert await read_until(followed, b"one\ntwo\n") == b"one\ntwo\n"
+        again = await read_until(followed, b"one\ntwo\n")
+        assert again == b"one\ntwo\n", again
         await followed.aclose()
 
     async def test_exec_gives_output_exit_code_input_terminal_and_kill(

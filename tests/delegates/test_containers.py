@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from khutulun.config import Timeouts
 from khutulun.delegates import DelegateContext
-from khutulun.delegates._containerdelegate import ContainerDelegate
+from khutulun.delegates._containerdelegate import ContainerDelegate, _LogLine
 from khutulun.delegates._containers import (
     ContainerSpec,
     Engine,
@@ -26,6 +26,7 @@ from khutulun.delegates._containers import (
     Port,
     container_labels,
     container_name,
+    log_window,
     parse_engine_time,
 )
 from khutulun.delegates._enginehttp import frames, open_request
@@ -324,7 +325,8 @@ class FakeEngine(Engine):
     def exec_resize(self, exec_id: str, rows: int, columns: int) -> None:
         raise AssertionError
 
-    def logs_path(self, container_id: str, *, follow: bool, tail: int | None, since: float | None) -> str:
+    def logs_path(self, container_id: str, *, follow: bool, tail: int | None, since: float | None,
+                  until: float | None = None) -> str:
         raise AssertionError
 
     def exec_start_path(self, exec_id: str) -> str:
@@ -378,3 +380,77 @@ async def test_watch_opens_a_broken_stream_again_and_reports_only_this_hosts_dea
         await delegate.close()
     with pytest.raises(StopAsyncIteration):
         await asyncio.wait_for(anext(events), 5.0)
+
+
+# --- a followed log across a restart, against a fake engine ------------------------------------------------------
+
+def test_log_lines_lose_their_stamp() -> None:
+    parsed = _LogLine.parse("stdout", b"2026-11-22T03:05:52Z two words\n")
+    assert (parsed.stamp, parsed.payload) == (1795316752.0, b"two words\n")
+    assert _LogLine.parse("stderr", b"2026-11-22T03:05:52.970855860Z \n").payload == b"\n"
+    assert _LogLine.parse("stdout", b"no stamp here\n") == _LogLine("stdout", None, b"no stamp here\n")
+    assert log_window(None, None) == "" and log_window(1.5, 2.25) == "&since=1.500000&until=2.250000"
+
+
+class RestartingEngine(FakeEngine):
+    """One container that ran, stopped and runs again; its logs as Podman gives them, stamped to the second."""
+
+    log_stamp_resolution = 1.0
+
+    def __init__(self, socket_path: str, host: str, rid: ResourceId) -> None:
+        super().__init__(socket_path)
+        self.labels = container_labels(rid, host, "h")
+        self.restarted = False
+
+    def _container(self) -> EngineContainer:
+        run = {"started_at": 40.9, "finished_at": 40.8} if self.restarted else {"started_at": 40.1}
+        return container("running", None, labels=self.labels, **run)
+
+    def containers(self, label: str | None) -> list[EngineContainer]:
+        return [self._container()]
+
+    def container(self, container_id: str) -> EngineContainer | None:
+        return self._container()
+
+    def logs_path(self, container_id: str, *, follow: bool, tail: int | None, since: float | None,
+                  until: float | None = None) -> str:
+        self.paths.append(f"/logs?follow={follow}{log_window(since, until)}")
+        return self.paths[-1]
+
+
+def stamped(stream: int, second: int, line: bytes) -> bytes:
+    payload = b"1970-01-01T00:00:%02dZ %s" % (second, line)
+    return struct.pack(">BxxxL", stream, len(payload)) + payload
+
+
+async def test_a_followed_log_gives_each_line_of_a_quick_restart_once(
+        engine: Callable[[Handler], Awaitable[str]], tmp_path: Path) -> None:
+    # The old run wrote "one" and "three" (at 40.2 and 40.7, both stamped 40) and ended at 40.8; the new run
+    # started at 40.9 and wrote "one" (40.95, stamped 40) and "two" (41.1). The old run's stream ended late, with
+    # the new run's first line in it: the stream of the new run must not give that line again, and the old
+    # run's own "one", stamped as the new one is, must stay.
+    old_run = [stamped(1, 40, b"one\n"), stamped(1, 40, b"three\n")]
+    answers = {"/logs?follow=True": [*old_run, stamped(1, 40, b"one\n")],
+               "/logs?follow=False&since=40.000000&until=40.850000": old_run,
+               "/logs?follow=True&since=40.850000": [stamped(1, 40, b"one\n"), stamped(2, 41, b"two\n")]}
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        request = (await reader.readuntil(b"\r\n\r\n")).split()[1].decode()
+        fake.restarted = True  # by the time any stream ends
+        body = b"".join(answers.pop(request))
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        await writer.drain()
+        writer.close()
+
+    rid = ResourceId("ns", "svc", "web", 0)
+    fake = RestartingEngine(await engine(handler), "h", rid)
+    delegate = FakeDelegate(DelegateContext("h", tmp_path / "data", Timeouts()), fake)
+    await delegate.start()
+    resource = Resource(rid, "fake", "h", {}, "h", handle={"id": "c1"})
+    followed = delegate.logs(resource, follow=True)
+    try:
+        lines = [await asyncio.wait_for(anext(followed), 5.0) for _ in range(4)]
+        assert b"".join(lines) == b"one\nthree\none\ntwo\n" and not answers
+    finally:
+        await followed.aclose()
+        await delegate.close()
