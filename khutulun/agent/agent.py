@@ -139,10 +139,10 @@ class Agent:
         await asyncio.to_thread(store.initialize)
         ctx = AgentContext(config, store, config.host_name)
         await self._load_delegates(ctx)
-        previous = await asyncio.to_thread(store.host, ctx.host)
         # A drained host stays drained across restarts of its agent: eligibility is the shared state's.
-        record = replace(host_record(ctx), eligible=previous.eligible if previous else True)
-        await asyncio.to_thread(store.write_host, record)
+        fresh = host_record(ctx)
+        record = await asyncio.to_thread(store.update_host, ctx.host, lambda previous: replace(
+            fresh, eligible=previous.eligible if previous else True))
         async with contextlib.AsyncExitStack() as stack:
             cluster = self._cluster(ctx, record)
             if cluster is not None:

@@ -39,7 +39,7 @@ from khutulun.errors import (
     NotFoundError,
 )
 from khutulun.resources import Resource, check_name
-from khutulun.state import ResourceRecord
+from khutulun.state import HostRecord, ResourceRecord
 
 __all__ = ["HOOKS", "OPERATIONS", "AgentHooks", "make_app"]
 
@@ -448,11 +448,12 @@ async def add_host(request: web.Request) -> web.Response:
 
 
 def _set_eligible(ops: Operations, name: str, eligible: bool) -> None:
-    store = ops.ctx.store
-    record = store.host(name)
-    if record is None:
-        raise NotFoundError(f"there is no host {name!r} (khutulun host list shows them)")
-    store.write_host(replace(record, eligible=eligible))
+    def change(record: HostRecord | None) -> HostRecord:
+        if record is None:
+            raise NotFoundError(f"there is no host {name!r} (khutulun host list shows them)")
+        return replace(record, eligible=eligible)
+
+    ops.ctx.store.update_host(name, change)
 
 
 async def drain_host(request: web.Request) -> web.Response:

@@ -173,6 +173,10 @@ def ports_lock_file(root: Path, host: str) -> Path:
     return locks_dir(root) / "ports" / f"{check_host_name(host)}.lock"
 
 
+def host_lock_file(root: Path, host: str) -> Path:
+    return locks_dir(root) / "hosts" / f"{check_host_name(host)}.lock"
+
+
 def templates_lock_file(root: Path, namespace: str) -> Path:
     return locks_dir(root) / "namespaces" / check_name("namespace", namespace) / "templates.lock"
 

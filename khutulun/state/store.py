@@ -716,10 +716,24 @@ class StateStore:
     # Hosts ----------------------------------------------------------------------------------------------------
 
     def write_host(self, record: HostRecord) -> None:
-        """Register or update a host. Needs no lock: each agent writes only its own record."""
-        path = layout.host_file(self._root, record.name)
-        ensure_dir(path.parent)
-        write_json_atomic(path, codec.dump(record))
+        """Register or replace a host's record."""
+        self.update_host(record.name, lambda _: record)
+
+    def update_host(self, name: str, change: Callable[[HostRecord | None], HostRecord]) -> HostRecord:
+        """Write ``change(record as it is)`` as host ``name``'s record, under the host's lock; answer it.
+
+        Under a lock because two writers change one record: its agent (when it starts) and whichever agent is
+        asked to drain the host or switch its eligibility, each keeping what the other wrote.
+        """
+        path = layout.host_file(self._root, name)
+        with exclusive_lock(layout.host_lock_file(self._root, name), f"the lock of the record of host {name}",
+                            self.lock_timeout):
+            record = change(self.host(name))
+            if record.name != name:
+                raise InternalError(f"the record of host {name!r} cannot name host {record.name!r}")
+            ensure_dir(path.parent)
+            write_json_atomic(path, codec.dump(record))
+        return record
 
     def host(self, name: str) -> HostRecord | None:
         path = layout.host_file(self._root, name)

@@ -9,12 +9,13 @@ import hashlib
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from khutulun.bundle import Bundle
 from khutulun.errors import BusyError, PlacementError
 from khutulun.scheduler import PortRequest
-from khutulun.state import StateStore, write_json_atomic
+from khutulun.state import HostRecord, StateStore, write_json_atomic
 from khutulun.state.locks import exclusive_lock, shared_lock, try_exclusive_lock
 
 
@@ -126,6 +127,21 @@ def bound_ports(root: str, host: str, prefix: str, count: str, go: str, low: str
         listener.close()
 
 
+def count_on_host(root: str, host: str, count: str, go: str) -> None:
+    """Add one to the host record's ``n`` label ``count`` times, each a read-modify-write of the record."""
+    store = StateStore(root, lock_timeout=30)
+    while not Path(go).exists():
+        time.sleep(0.001)
+
+    def add_one(record: HostRecord | None) -> HostRecord:
+        assert record is not None
+        return replace(record, labels={**record.labels, "n": str(int(record.labels["n"]) + 1)})
+
+    for _ in range(int(count)):
+        store.update_host(host, add_one)
+    say("done")
+
+
 def templates(root: str) -> None:
     store = StateStore(root, lock_timeout=30)
     i = 0
@@ -148,6 +164,8 @@ def main(argv: list[str]) -> int:
         ports(*args)
     elif command == "bound-ports":
         bound_ports(*args)
+    elif command == "count-on-host":
+        count_on_host(*args)
     elif command == "templates":
         templates(*args)
     else:

@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from khutulun.state import StateStore
+from khutulun.state import HostRecord, StateStore
 
 CHILD = Path(__file__).with_name("state_child.py")
 
@@ -47,6 +47,29 @@ def test_concurrent_port_reservations_never_collide(tmp_path: Path) -> None:
     assert len(book) == 201
     assert {(owner, r.port) for (owner, _), r in book.items() if r.capability == "http"} == {
         (owner, port) for result in results for owner, port in result["ports"].items()}
+
+
+def test_concurrent_changes_of_a_host_record_each_hold(tmp_path: Path) -> None:
+    # As an agent that starts and another that drains its host both change the one record.
+    store = StateStore(tmp_path / "state")
+    store.initialize()
+    store.write_host(HostRecord(name="host-a", address="10.0.0.1", api="http://10.0.0.1:7070", labels={"n": "0"}))
+    go = tmp_path / "go"
+    children = [subprocess.Popen([sys.executable, str(CHILD), "count-on-host", str(store.root), "host-a", "100",
+                                  str(go)], stdout=subprocess.PIPE) for _ in range(3)]
+    try:
+        time.sleep(0.3)  # let them import, so that they start together
+        go.touch()
+        for child in children:
+            out, _ = child.communicate(timeout=60)
+            assert child.returncode == 0 and out == b"done\n"
+    finally:
+        for child in children:
+            if child.poll() is None:
+                os.kill(child.pid, signal.SIGKILL)
+                child.wait()
+    record = store.host("host-a")
+    assert record is not None and record.labels["n"] == "300" and record.address == "10.0.0.1"
 
 
 def _check_one_version(files: dict[str, str]) -> str:

@@ -4,6 +4,7 @@ import json
 import os
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -463,6 +464,16 @@ def test_host_round_trip(store: StateStore) -> None:
     assert store.remove_host("Laptop_2") is True
     assert store.remove_host("Laptop_2") is False
     assert store.hosts() == [hosts[0]]
+
+
+def test_a_host_record_is_changed_as_it_is(store: StateStore) -> None:
+    record = HostRecord(name="h1", address="10.0.0.5", api="http://10.0.0.5:7070")
+    assert store.update_host("h1", lambda previous: record if previous is None else previous) == record
+    drained = store.update_host("h1", lambda previous: replace(previous or record, eligible=False))
+    assert store.host("h1") == drained and not drained.eligible
+    with pytest.raises(InternalError):
+        store.update_host("h1", lambda previous: replace(record, name="h2"))
+    assert store.host("h1") == drained and store.host("h2") is None
 
 
 # Ports ---------------------------------------------------------------------------------------------------------
