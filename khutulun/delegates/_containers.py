@@ -20,11 +20,13 @@ import re
 import signal
 import socket
 import urllib.parse
-from collections.abc import Mapping, Sequence
-from contextlib import suppress
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, TypeGuard
+
+import requests
 
 from khutulun.delegates import _specfields as specfields
 from khutulun.delegates._specfields import is_text
@@ -288,6 +290,18 @@ class EngineError(Exception):
     @property
     def not_found(self) -> bool:
         return self.status == 404
+
+
+@contextmanager
+def engine_errors(api_error: type[Exception], library_error: type[Exception]) -> Iterator[None]:
+    """Turn what an engine's library raises into EngineError: its API's errors (the ``docker`` and ``podman``
+    libraries give both an explanation and the HTTP status) and its own, and the failures of a connection."""
+    try:
+        yield
+    except api_error as e:
+        raise EngineError(str(getattr(e, "explanation", None) or e), getattr(e, "status_code", None)) from e
+    except (library_error, requests.RequestException, OSError) as e:
+        raise EngineError(str(e)) from e
 
 
 @dataclass(frozen=True)

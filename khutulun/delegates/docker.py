@@ -12,8 +12,8 @@ import asyncio
 import json
 import os
 import re
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,6 @@ import docker
 import docker.errors
 import docker.types
 import docker.utils
-import requests
 
 from khutulun.delegates._containerdelegate import ContainerDelegate
 from khutulun.delegates._containers import (
@@ -30,6 +29,7 @@ from khutulun.delegates._containers import (
     EngineContainer,
     EngineError,
     check_socket,
+    engine_errors,
     events_filters,
     log_window,
 )
@@ -43,14 +43,8 @@ _TIMEOUT = 120  # seconds for one API call; stop() adds its own grace period to 
 _EXITED = re.compile(r"^Exited \((-?\d+)\)")
 
 
-@contextmanager
-def _errors() -> Iterator[None]:
-    try:
-        yield
-    except docker.errors.APIError as e:
-        raise EngineError(str(e.explanation or e), e.status_code) from e
-    except (docker.errors.DockerException, requests.RequestException, OSError) as e:
-        raise EngineError(str(e)) from e
+def _errors() -> AbstractContextManager[None]:
+    return engine_errors(docker.errors.APIError, docker.errors.DockerException)
 
 
 def _listed(attrs: Mapping[str, Any]) -> EngineContainer:

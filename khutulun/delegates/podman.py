@@ -31,15 +31,14 @@ import subprocess
 import tempfile
 import time
 import urllib.parse
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
 import podman
 import podman.errors
-import requests
 
 from khutulun.delegates import procfs
 from khutulun.delegates._containerdelegate import ContainerDelegate
@@ -49,6 +48,7 @@ from khutulun.delegates._containers import (
     EngineContainer,
     EngineError,
     check_socket,
+    engine_errors,
     events_filters,
     log_window,
     parse_engine_time,
@@ -69,14 +69,8 @@ _OK = frozenset({200, 201, 204, 304})
 
 # --- the engine ----------------------------------------------------------------------------------------------
 
-@contextmanager
-def _errors() -> Iterator[None]:
-    try:
-        yield
-    except podman.errors.APIError as e:
-        raise EngineError(str(e.explanation or e), e.status_code) from e
-    except (podman.errors.PodmanError, requests.RequestException, OSError) as e:
-        raise EngineError(str(e)) from e
+def _errors() -> AbstractContextManager[None]:
+    return engine_errors(podman.errors.APIError, podman.errors.PodmanError)
 
 
 def _listed(attrs: Mapping[str, Any]) -> EngineContainer:
