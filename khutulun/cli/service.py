@@ -7,6 +7,7 @@ import contextlib
 import json
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -68,7 +69,11 @@ def _request_body(template: Path | None, registered: str | None, inputs: dict[st
     return body
 
 
-template_argument = click.argument("template", required=False, type=click.Path(path_type=Path))
+template_options = [  # what preview and deploy take: a template file or a registered one, and a service
+    click.argument("template", required=False, type=click.Path(path_type=Path)),
+    click.option("--template", "registered", help="A registered template instead of a file."),
+    click.option("--service", "-s", help="The service name (default: the template's file name)."),
+]
 input_options = [
     click.option("--input", "-i", "pairs", multiple=True, metavar="NAME=VALUE", help="An input value (repeatable)."),
     click.option("--inputs", "input_files", multiple=True, type=click.Path(path_type=Path, exists=True,
@@ -77,10 +82,16 @@ input_options = [
 ]
 
 
-def with_inputs(fn: Any) -> Any:
-    for option in reversed(input_options):
-        fn = option(fn)
-    return fn
+def _each(options: list[Any]) -> Callable[[Any], Any]:
+    def decorate(fn: Any) -> Any:
+        for option in reversed(options):
+            fn = option(fn)
+        return fn
+    return decorate
+
+
+with_inputs = _each(input_options)
+with_template = _each(template_options)
 
 
 @click.command()
@@ -123,9 +134,7 @@ def _plan_summary(plan: dict[str, Any]) -> str:
 
 
 @click.command()
-@template_argument
-@click.option("--template", "registered", help="A registered template instead of a file.")
-@click.option("--service", "-s", help="The service name (default: the template's file name).")
+@with_template
 @click.option("--all", "everything", is_flag=True, help="Also list what stays as it is.")
 @with_inputs
 @pass_state
@@ -196,9 +205,7 @@ def _failure(service: str, failed: list[dict[str, Any]], *, machine: bool) -> st
 
 
 @click.command()
-@template_argument
-@click.option("--template", "registered", help="A registered template instead of a file.")
-@click.option("--service", "-s", help="The service name (default: the template's file name).")
+@with_template
 @click.option("--check-index", type=int, help="Refuse unless the service is still at this revision (from preview).")
 @with_inputs
 @pass_state
