@@ -47,7 +47,6 @@ __all__ = [
     "check_socket",
     "container_labels",
     "container_name",
-    "events_filters",
     "parse_engine_time",
     "parse_mounts",
 ]
@@ -444,17 +443,24 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     def exec_resize(self, exec_id: str, rows: int, columns: int) -> None: ...
 
-    @abc.abstractmethod
+    # The streamed endpoints, which ``_enginehttp`` speaks: the same paths and parameters on both engines (Docker
+    # reads any of true/1 as yes and -1 as every line; Podman's libpod API takes what its compat API takes).
+    api_prefix: str
+    """What the paths of the API's version start with (``/v1.41``, ``/v4.0.0/libpod``)."""
+
     def logs_path(self, container_id: str, *, follow: bool, tail: int | None, since: float | None,
                   until: float | None = None) -> str:
         """The logs of both streams, each line stamped (``timestamps``), between ``since`` and ``until``."""
+        return (f"{self.api_prefix}/containers/{container_id}/logs?stdout=true&stderr=true&timestamps=true"
+                f"&follow={str(follow).lower()}&tail={tail if tail is not None else -1}{_window(since, until)}")
 
-    @abc.abstractmethod
-    def exec_start_path(self, exec_id: str) -> str: ...
+    def exec_start_path(self, exec_id: str) -> str:
+        return f"{self.api_prefix}/exec/{exec_id}/start"
 
-    @abc.abstractmethod
     def events_path(self, label: str, since: float | None) -> str:
         """The event stream of containers with the label ``key=value`` that die, from ``since`` on."""
+        filters = _filters({"type": ["container"], "event": [self.died_event], "label": [label]})
+        return f"{self.api_prefix}/events?stream=true&filters={filters}{_window(since, None)}"
 
 
 def check_socket(path: str) -> None:
@@ -475,13 +481,8 @@ def _filters(mapping: Mapping[str, list[str]]) -> str:
     return urllib.parse.quote(json.dumps(mapping, separators=(",", ":")))
 
 
-def log_window(since: float | None, until: float | None) -> str:
+def _window(since: float | None, until: float | None) -> str:
     """The ``since`` and ``until`` query parameters both engines take, to the microsecond (both filter at least
     that finely, whatever the resolution of the stamps they print)."""
     return "".join(f"&{name}={moment:.6f}" for name, moment in (("since", since), ("until", until))
                    if moment is not None)
-
-
-def events_filters(label: str, action: str) -> str:
-    """The ``filters`` query value both engines take for an event stream."""
-    return _filters({"type": ["container"], "event": [action], "label": [label]})

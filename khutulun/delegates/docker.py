@@ -30,8 +30,6 @@ from khutulun.delegates._containers import (
     EngineError,
     check_socket,
     engine_errors,
-    events_filters,
-    log_window,
 )
 from khutulun.errors import DelegateError
 
@@ -71,7 +69,7 @@ class DockerEngine(Engine):
             # "auto" asks the daemon for its API version: a first call that fails at once if nothing answers.
             self._client = docker.DockerClient(base_url=f"unix://{socket_path}", version="auto", timeout=_TIMEOUT)
         self._api = self._client.api
-        self._prefix = f"/v{self._api.api_version}"
+        self.api_prefix = f"/v{self._api.api_version}"
 
     def close(self) -> None:
         self._client.close()
@@ -187,18 +185,6 @@ class DockerEngine(Engine):
         with _errors():
             self._api.exec_resize(exec_id, height=rows, width=columns)
 
-    def logs_path(self, container_id: str, *, follow: bool, tail: int | None, since: float | None,
-                  until: float | None = None) -> str:
-        path = (f"{self._prefix}/containers/{container_id}/logs?stdout=1&stderr=1&timestamps=1&follow={int(follow)}"
-                f"&tail={tail if tail is not None else 'all'}")
-        return path + log_window(since, until)
-
-    def exec_start_path(self, exec_id: str) -> str:
-        return f"{self._prefix}/exec/{exec_id}/start"
-
-    def events_path(self, label: str, since: float | None) -> str:
-        path = f"{self._prefix}/events?filters={events_filters(label, self.died_event)}"
-        return path + (f"&since={since:.6f}" if since is not None else "")
 
 
 class DockerDelegate(ContainerDelegate):

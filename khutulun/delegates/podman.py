@@ -49,8 +49,6 @@ from khutulun.delegates._containers import (
     EngineError,
     check_socket,
     engine_errors,
-    events_filters,
-    log_window,
     parse_engine_time,
 )
 from khutulun.delegates._hostio import tail_offset
@@ -104,7 +102,7 @@ class PodmanEngine(Engine):
         except EngineError:
             self._api.close()
             raise
-        self._prefix = self._api.path_prefix.rstrip("/")
+        self.api_prefix = self._api.path_prefix.rstrip("/")
 
     def close(self) -> None:
         self._api.close()
@@ -212,19 +210,6 @@ class PodmanEngine(Engine):
     def exec_resize(self, exec_id: str, rows: int, columns: int) -> None:
         self._call("POST", f"/exec/{exec_id}/resize", params={"h": rows, "w": columns})
 
-    def logs_path(self, container_id: str, *, follow: bool, tail: int | None, since: float | None,
-                  until: float | None = None) -> str:
-        path = (f"{self._prefix}/containers/{container_id}/logs?stdout=true&stderr=true&timestamps=true"
-                f"&follow={str(follow).lower()}"
-                f"&tail={tail if tail is not None else -1}")
-        return path + log_window(since, until)
-
-    def exec_start_path(self, exec_id: str) -> str:
-        return f"{self._prefix}/exec/{exec_id}/start"
-
-    def events_path(self, label: str, since: float | None) -> str:
-        path = f"{self._prefix}/events?stream=true&filters={events_filters(label, self.died_event)}"
-        return path + (f"&since={int(since)}" if since is not None else "")
 
 
 # --- finding Podman, or starting it ----------------------------------------------------------------------------

@@ -26,7 +26,6 @@ from khutulun.delegates._containers import (
     Port,
     container_labels,
     container_name,
-    log_window,
     parse_engine_time,
 )
 from khutulun.delegates._enginehttp import frames, open_request
@@ -325,13 +324,6 @@ class FakeEngine(Engine):
     def exec_resize(self, exec_id: str, rows: int, columns: int) -> None:
         raise AssertionError
 
-    def logs_path(self, container_id: str, *, follow: bool, tail: int | None, since: float | None,
-                  until: float | None = None) -> str:
-        raise AssertionError
-
-    def exec_start_path(self, exec_id: str) -> str:
-        raise AssertionError
-
 
 class FakeDelegate(ContainerDelegate):
     name = "fake"
@@ -389,13 +381,18 @@ def test_log_lines_lose_their_stamp() -> None:
     assert (parsed.stamp, parsed.payload) == (1795316752.0, b"two words\n")
     assert _LogLine.parse("stderr", b"2026-11-22T03:05:52.970855860Z \n").payload == b"\n"
     assert _LogLine.parse("stdout", b"no stamp here\n") == _LogLine("stdout", None, b"no stamp here\n")
-    assert log_window(None, None) == "" and log_window(1.5, 2.25) == "&since=1.500000&until=2.250000"
+    paths = RestartingEngine("/no.sock", "h", ResourceId("ns", "svc", "web", 0))
+    assert paths.logs_path("c1", follow=True, tail=None, since=None) == \
+        "/containers/c1/logs?stdout=true&stderr=true&timestamps=true&follow=true&tail=-1"
+    assert paths.logs_path("c1", follow=False, tail=5, since=1.5, until=2.25).endswith(
+        "&follow=false&tail=5&since=1.500000&until=2.250000")
 
 
 class RestartingEngine(FakeEngine):
     """One container that ran, stopped and runs again; its logs as Podman gives them, stamped to the second."""
 
     log_stamp_resolution = 1.0
+    api_prefix = ""
 
     def __init__(self, socket_path: str, host: str, rid: ResourceId) -> None:
         super().__init__(socket_path)
@@ -412,10 +409,6 @@ class RestartingEngine(FakeEngine):
     def container(self, container_id: str) -> EngineContainer | None:
         return self._container()
 
-    def logs_path(self, container_id: str, *, follow: bool, tail: int | None, since: float | None,
-                  until: float | None = None) -> str:
-        self.paths.append(f"/logs?follow={follow}{log_window(since, until)}")
-        return self.paths[-1]
 
 
 def stamped(stream: int, second: int, line: bytes) -> bytes:
@@ -430,9 +423,10 @@ async def test_a_followed_log_gives_each_line_of_a_quick_restart_once(
     # the new run's first line in it: the stream of the new run must not give that line again, and the old
     # run's own "one", stamped as the new one is, must stay.
     old_run = [stamped(1, 40, b"one\n"), stamped(1, 40, b"three\n")]
-    answers = {"/logs?follow=True": [*old_run, stamped(1, 40, b"one\n")],
-               "/logs?follow=False&since=40.000000&until=40.850000": old_run,
-               "/logs?follow=True&since=40.850000": [stamped(1, 40, b"one\n"), stamped(2, 41, b"two\n")]}
+    logs = "/containers/c1/logs?stdout=true&stderr=true&timestamps=true"
+    answers = {f"{logs}&follow=true&tail=-1": [*old_run, stamped(1, 40, b"one\n")],
+               f"{logs}&follow=false&tail=-1&since=40.000000&until=40.850000": old_run,
+               f"{logs}&follow=true&tail=-1&since=40.850000": [stamped(1, 40, b"one\n"), stamped(2, 41, b"two\n")]}
 
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         request = (await reader.readuntil(b"\r\n\r\n")).split()[1].decode()
