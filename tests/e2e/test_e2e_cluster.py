@@ -278,15 +278,21 @@ def test_three_agents_gossip_place_apart_and_serve_at_their_host_addresses(clust
     wait_until("no workloads left", lambda: not any(a.workloads() for a in cluster.agents), 20)
 
 
-def test_a_dead_host_has_its_instances_moved_to_the_others(cluster: Cluster, tmp_path: Path) -> None:
+def two_apart(cluster: Cluster, tmp_path: Path,
+              service: str) -> tuple[dict[str, str], HostAgent, HostAgent, str]:
+    """Deploy two instances on two hosts; answer where each is, the victim (a host that runs one and is not the
+    first, which the CLI talks to), the survivor (the host that is neither), and the victim's instance."""
     first = cluster.agents[0]
     wait_until("three alive hosts", lambda: alive_hosts(first, 3), 30)
-    first.cli("deploy", str(template(tmp_path, count=2, separate=True)), "--service", "moving")
-    placed = {i["instance"]: i["host"] for i in instances(first, "moving")}
-    # The host to kill is one that runs an instance and is not the one the CLI talks to.
+    first.cli("deploy", str(template(tmp_path, count=2, separate=True)), "--service", service)
+    placed = {i["instance"]: i["host"] for i in instances(first, service)}
     victim = next(cluster.agent(h) for h in placed.values() if h != first.name)
     survivor = next(a for a in cluster.agents if a is not victim and a is not first)
-    lost = next(i for i, h in placed.items() if h == victim.name)
+    return placed, victim, survivor, next(i for i, h in placed.items() if h == victim.name)
+
+
+def test_a_dead_host_has_its_instances_moved_to_the_others(cluster: Cluster, tmp_path: Path) -> None:
+    _, victim, survivor, lost = two_apart(cluster, tmp_path, "moving")
     # The CLI now talks to the survivor: a user of the dead host's agent would go to another.
     started = time.monotonic()
     victim.crash()
@@ -345,12 +351,7 @@ def test_a_drained_host_gives_up_its_instances_and_takes_none_until_eligible(clu
 def test_a_cut_off_host_keeps_its_instances_and_a_frozen_one_gives_them_up_when_it_wakes(
         cluster: Cluster, tmp_path: Path) -> None:
     first = cluster.agents[0]
-    wait_until("three alive hosts", lambda: alive_hosts(first, 3), 30)
-    first.cli("deploy", str(template(tmp_path, count=2, separate=True)), "--service", "kept")
-    placed = {i["instance"]: i["host"] for i in instances(first, "kept")}
-    victim = next(cluster.agent(h) for h in placed.values() if h != first.name)
-    survivor = next(a for a in cluster.agents if a is not victim and a is not first)
-    lost = next(i for i, h in placed.items() if h == victim.name)
+    placed, victim, survivor, lost = two_apart(cluster, tmp_path, "kept")
     wait_until("the victim's instance runs", victim.workloads, 20)
     [copy] = victim.workloads()
 
