@@ -56,6 +56,7 @@ from khutulun.delegates._containers import (
     parse_engine_time,
 )
 from khutulun.delegates._enginehttp import EngineExecSession, EngineResponse, frames, open_request
+from khutulun.delegates._specfields import valid_or_none
 from khutulun.delegates.base import Capabilities, Delegate, DelegateContext, ExecSession
 from khutulun.errors import DelegateError, InvalidInputError
 from khutulun.resources import Live, LiveState, Resource, ResourceId
@@ -270,11 +271,7 @@ class ContainerDelegate(Delegate):
         return await self._start(rid, container_id, spec)
 
     async def delete(self, resource: Resource, live: Live | None, *, purge: bool = False) -> None:
-        # Deleting must work for a spec that never was valid (and for an orphan's, which is empty).
-        try:
-            spec: ContainerSpec | None = self._spec(resource)
-        except DelegateError:
-            spec = None
+        spec = valid_or_none(lambda: self._spec(resource))
         rid = resource.id
         existing = await self._containers_of(rid, [live.handle if live else None, resource.handle], search=True)
         for container in existing:

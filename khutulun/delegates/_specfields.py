@@ -4,11 +4,26 @@ spec names all of its problems in one error) and returns a value the parse can g
 from __future__ import annotations
 
 import math
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
-from typing import Any, TypeGuard
+from typing import Any, TypeGuard, TypeVar
 
-__all__ = ["absolute_path", "environment", "is_command", "is_text", "stop_timeout", "unknown_keys"]
+from khutulun.errors import DelegateError
+
+__all__ = [
+    "absolute_path", "environment", "is_command", "is_text", "stop_timeout", "unknown_keys", "valid_or_none",
+]
+
+Spec = TypeVar("Spec")
+
+
+def valid_or_none(parse: Callable[[], Spec]) -> Spec | None:
+    """The parsed spec, or None when it is not valid: deleting must work for a spec that never was valid (and
+    for an orphan's, which is empty), reading what it can do without."""
+    try:
+        return parse()
+    except DelegateError:
+        return None
 
 
 def is_text(value: Any) -> TypeGuard[str]:

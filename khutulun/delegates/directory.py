@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from khutulun.delegates._specfields import valid_or_none
 from khutulun.delegates.base import Capabilities, Delegate
 from khutulun.errors import DelegateError
 from khutulun.resources import Live, LiveState, Resource, ResourceId
@@ -221,10 +222,7 @@ class DirectoryDelegate(Delegate):
         else:
             # No sidecar: deleted already, or never applied. A directory the user named was then never ours, so
             # only a purge removes it; the default path is ours by construction.
-            try:
-                spec: DirectorySpec | None = DirectorySpec.parse(resource)
-            except DelegateError:
-                spec = None
+            spec = valid_or_none(lambda: DirectorySpec.parse(resource))
             path = Path(spec.path) if spec and spec.path else self._default_path(rid)
             remove = purge or (spec is not None and spec.temporary and spec.path is None)
         if remove:

@@ -212,11 +212,7 @@ class NspawnDelegate(SupervisedDelegate):
         return await self._start(resource, spec, root)
 
     async def delete(self, resource: Resource, live: Live | None, *, purge: bool = False) -> None:
-        # Deleting must work for a spec that never was valid (and for an orphan's, which is empty).
-        try:
-            spec: NspawnSpec | None = self._spec(resource)
-        except DelegateError:
-            spec = None
+        spec = fields.valid_or_none(lambda: self._spec(resource))
         await self._stop(resource, live, spec.stop_timeout if spec else self.context.timeouts.stop)
         try:
             self.log_path(resource.id).unlink(missing_ok=True)

@@ -152,10 +152,7 @@ class ProcessDelegate(SupervisedDelegate):
     async def delete(self, resource: Resource, live: Live | None, *, purge: bool = False) -> None:
         # Deleting must work for a spec that never was valid (nothing started then), so it reads what it needs
         # without insisting: the stop timeout, and whether the working directory is the user's.
-        try:
-            spec: ProcessSpec | None = self._spec(resource)
-        except DelegateError:
-            spec = None
+        spec = fields.valid_or_none(lambda: self._spec(resource))
         await self._stop(resource, live, spec.stop_timeout if spec else self.context.timeouts.stop)
         users_directory = (spec.working_directory if spec else resource.spec.get("working_directory")) is not None
         self._remove_files(resource.id, remove_working_directory=not users_directory)
