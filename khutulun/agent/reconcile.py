@@ -66,26 +66,29 @@ class Reconciler:
             return
 
     async def reconcile_all(self) -> None:
-        services = await self.ctx.io(self.ctx.store.all_services)
+        # The names only: each service is read once, under its lease (a deploy may finish meanwhile).
+        services = await self.ctx.io(self.ctx.store.service_ids)
         listing = await self.converger.listing()  # one scan of this host for every service
-        for record in services:
-            if self.converger.busy(record.namespace, record.name):
+        existing: set[tuple[str, str]] = set()  # what the orphan sweep keeps: all but the services found gone
+        for namespace, service in services:
+            existing.add((namespace, service))
+            if self.converger.busy(namespace, service):
                 continue
             try:
-                await self.reconcile(record, listing)
+                if not await self.reconcile(namespace, service, listing):
+                    existing.discard((namespace, service))
             except BusyError:
                 continue
             except KhutulunError as e:
-                log.warning("reconciling %s/%s failed: %s", record.namespace, record.name, e.message)
-        await self.sweep_orphans({(s.namespace, s.name) for s in services}, listing)
+                log.warning("reconciling %s/%s failed: %s", namespace, service, e.message)
+        await self.sweep_orphans(existing, listing)
 
-    async def reconcile(self, record: ServiceRecord, listing: Listing) -> None:
-        namespace, service = record.namespace, record.name
+    async def reconcile(self, namespace: str, service: str, listing: Listing) -> bool:
+        """Converge this host's part of a service; False when the service is not there (any more)."""
         async with self.converger.exclusive(namespace, service, wait=False):
-            # Read again under the lease: a deploy may have finished between the listing and now.
             snapshot = await self.ctx.io(self.ctx.store.snapshot, namespace, service)
             if snapshot.service is None:
-                return
+                return False
             record = snapshot.service
             situation = await self.converger.situation(namespace, service, record, snapshot.resources, listing)
             plan = self._with_backoff(situation, self.converger.plan(situation))
@@ -99,10 +102,11 @@ class Reconciler:
                 for failed in convergence.failed:
                     log.warning("%s: %s", failed.step.key, failed.message)
                 if convergence.failed:
-                    return
+                    return True
             elif any(s.reason.startswith("restart in") for s in plan.steps):
-                return
+                return True
         await self._settle(record)
+        return True
 
     async def _settle(self, record: ServiceRecord) -> None:
         """A deploy or destroy that nothing is running any more, now converged: say so in the service."""

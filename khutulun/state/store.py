@@ -369,6 +369,10 @@ class StateStore:
                 records.append(record)
         return records
 
+    def service_ids(self) -> list[tuple[str, str]]:
+        """The (namespace, name) of every service, reading none of their records."""
+        return [(namespace, name) for namespace in self.namespaces() for name in self._service_names(namespace)]
+
     def all_services(self) -> list[ServiceRecord]:
         """The services of every namespace."""
         return [record for namespace in self.namespaces() for record in self.services(namespace)]
@@ -758,10 +762,14 @@ class StateStore:
         return records
 
     def beat(self, name: str, now: float) -> None:
-        """Say that host ``name``'s agent is alive and reaches the shared state (its own file: no lock)."""
+        """Say that host ``name``'s agent is alive and reaches the shared state (its own file: no lock).
+
+        Each second, on every host: not synced to disk, as a beat that a crash loses is what a crash should look
+        like (an old or empty heartbeat), and two fsyncs a second per host on the shared directory are not free.
+        """
         path = layout.heartbeat_file(self._root, name)
         ensure_dir(path.parent)
-        write_atomic(path, f"{now}\n".encode())
+        write_atomic(path, f"{now}\n".encode(), durable=False)
 
     def heartbeat(self, name: str) -> float | None:
         """When host ``name``'s agent last said it was alive, by its clock; None if it never did."""
