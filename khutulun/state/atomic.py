@@ -101,8 +101,11 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[written:]
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Replace ``path`` with ``data`` so that every reader sees either the old content or all of the new one."""
+def write_atomic(path: Path, data: bytes, *, durable: bool = True) -> None:
+    """Replace ``path`` with ``data`` so that every reader sees either the old content or all of the new one.
+
+    Not ``durable``: without the two fsyncs, for what a crash may lose (after one, the file may be empty).
+    """
     directory = path.parent
     tmp = directory / tmp_name(path.name)
     try:
@@ -112,7 +115,8 @@ def write_atomic(path: Path, data: bytes) -> None:
     try:
         try:
             _write_all(fd, data)
-            os.fsync(fd)  # before the rename: otherwise a crash can leave the new name on empty blocks
+            if durable:
+                os.fsync(fd)  # before the rename: otherwise a crash can leave the new name on empty blocks
         finally:
             os.close(fd)
         tmp.rename(path)
@@ -124,7 +128,8 @@ def write_atomic(path: Path, data: bytes) -> None:
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
-    fsync_dir(directory)
+    if durable:
+        fsync_dir(directory)
 
 
 def dumps(obj: Any, path: Path | str = "") -> bytes:
