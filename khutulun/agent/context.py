@@ -10,7 +10,7 @@ from typing import ParamSpec, TypeVar
 from khutulun.config import Config
 from khutulun.delegates.base import Delegate
 from khutulun.errors import DelegateError
-from khutulun.state import StateStore
+from khutulun.state import StateStore, layout
 
 __all__ = ["AgentContext"]
 
@@ -28,7 +28,7 @@ class AgentContext:
     @property
     def shared_root(self) -> str:
         """Where ``shared`` directories go: inside the shared state directory, the same path on every host."""
-        return str(self.store.root / "volumes")
+        return str(layout.volumes_dir(self.store.root))
 
     def delegate(self, name: str) -> Delegate:
         found = self.delegates.get(name)

@@ -139,10 +139,6 @@ class HostsView:
         return not available or available[0] == self.ctx.host
 
 
-def owners(service: ServiceRecord) -> set[str]:
-    return {i.host for i in service.placement.instances}
-
-
 def instances_on(service: ServiceRecord, host: str) -> list[ResourceId]:
     return [ResourceId(service.namespace, service.name, i.node, i.index)
             for i in service.placement.instances if i.host == host]
