@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -132,9 +133,16 @@ def test_a_killed_container_runs_again_within_three_seconds(runtime_agent: Agent
     agent.cli("deploy", str(example), "--service", "site")
     url = agent.json("outputs", "site")["url"]
     [container] = ours("podman", agent.host)
+    run = engine("podman", "inspect", "--format", "{{.State.StartedAt}}", container)
+
+    def running_again() -> bool:  # a new run (podman kill may return before the old one is seen to end)
+        started, running = engine("podman", "inspect", "--format", "{{.State.StartedAt}}|{{.State.Running}}",
+                                  container).rsplit("|", 1)
+        return started != run and running == "true"
+
     engine("podman", "kill", container)
     killed = time.monotonic()
-    while engine("podman", "inspect", "--format", "{{.State.Running}}", container) != "true":
+    while not running_again():
         assert time.monotonic() - killed < 3.0, "not running again within 3 s"
         time.sleep(0.05)
     elapsed = time.monotonic() - killed
@@ -230,9 +238,9 @@ def test_each_failure_stays_with_its_resource_and_a_fixed_template_deploys(runti
 
     # The fixed template deploys cleanly: extra is made, the rest is kept as it is.
     fixed = agent.cli("deploy", str(with_extra(example, "fixed")), "--service", "site")
-    assert "created  extra/0" in fixed.stdout or "extra/0" in fixed.stdout
+    assert re.search(r"(created|updated)\s+extra/0", fixed.stdout), fixed.stdout
     states = {i["instance"]: i["state"] for i in agent.json("status", "site")["instances"]}
-    assert set(states.values()) <= {"ready", "running"}, states
+    assert states.get("extra/0") in ("ready", "running") and set(states.values()) <= {"ready", "running"}, states
     assert container in ours("podman", agent.host) and len(ours("podman", agent.host)) == 2
     agent.cli("destroy", "site", "--purge")
     assert ours("podman", agent.host) == []
